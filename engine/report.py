@@ -1,0 +1,97 @@
+"""The run report: counts by outcome and reason, per-stage timings, and a human summary.
+
+Written to ``runs/<run_id>/report.json`` at the end of every run, failed ones included, so
+the question "what happened last night" always has an answer.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+
+import pyarrow as pa
+
+from engine.storage import Storage
+
+
+class Report:
+    def __init__(self, run_id: str, model_version: str, storage: Storage):
+        self.storage = storage
+        self.t0 = time.time()
+        self.current: str | None = None
+        self.data = {
+            "run_id": run_id, "model_version": model_version, "status": "running",
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counts": {"rows_in": 0, "ok": 0, "rejected": 0},
+            "categories": {}, "rejects_by_reason": {}, "stages": {},
+            "report_uri": storage.uri("runs", run_id, "report.json"),
+            "rejects_uri": storage.uri("runs", run_id, "rejects.parquet"),
+        }
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.current = name
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.data["stages"][name] = {"seconds": round(time.time() - t, 3)}
+        self.current = None
+
+    def rate(self, stage: str, items: int) -> None:
+        s = self.data["stages"][stage]
+        s["items"] = items
+        s["items_per_s"] = round(items / s["seconds"], 2) if s["seconds"] else None
+
+    def count_outcomes(self, batch: pa.Table) -> None:
+        counts = self.data["counts"]
+        cats = collections.Counter(self.data["categories"])
+        reasons = collections.Counter(self.data["rejects_by_reason"])
+        for status, reason, category in zip(batch.column("status").to_pylist(), batch.column("reason").to_pylist(),
+                                            batch.column("category").to_pylist()):
+            counts["rows_in"] += 1
+            if status == "ok":
+                counts["ok"] += 1
+                cats[category] += 1
+            else:
+                counts["rejected"] += 1
+                reasons[reason] += 1
+        self.data["categories"] = dict(sorted(cats.items()))
+        self.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.data["status"] = status
+        if error:
+            self.data["error"] = error
+            self.data["failed_stage"] = self.current
+        self.data["elapsed_s"] = round(time.time() - self.t0, 3)
+        self.storage.write_json(self.data, "runs", self.data["run_id"], "report.json")
+
+
+def summary(report: dict) -> str:
+    """A few lines a person reads at the end of a run."""
+    c = report["counts"]
+    lines = [f"run {report['run_id']}: {report['status'].upper()} in {report.get('elapsed_s', 0):.1f}s "
+             f"(model {report['model_version']}, device {report.get('device', '?')})",
+             f"  rows {c['rows_in']}: ok {c['ok']}, rejected {c['rejected']}"]
+    if report.get("rejects_by_reason"):
+        lines.append("  rejects: " + ", ".join(f"{k} {v}" for k, v in report["rejects_by_reason"].items())
+                     + f"  -> {report['rejects_uri']}")
+    if report.get("categories"):
+        lines.append("  indexed per category: " + ", ".join(f"{k} {v}" for k, v in report["categories"].items()))
+    stages = report.get("stages", {})
+    if stages:
+        lines.append("  stages: " + ", ".join(
+            f"{k} {v['seconds']:.1f}s" + (f" ({v['items_per_s']:.1f}/s)" if v.get("items_per_s") else "")
+            for k, v in stages.items()))
+    val = report.get("validation")
+    if val:
+        lines.append(f"  validation: {'ok' if val['ok'] else 'FAILED'} recall@10 {val.get('recall_at_10')} "
+                     f"self-hit {val.get('self_hit_rate')} on {val.get('sample')} queries"
+                     + ("" if val["ok"] else f" -- {'; '.join(val['failures'])}"))
+    if report.get("publish"):
+        lines.append(f"  published {report['publish']['published']} -> {report['publish']['latest_uri']}")
+    if report.get("error"):
+        lines.append(f"  error in {report.get('failed_stage') or 'run'}: {report['error']}")
+    lines.append(f"  report: {report['report_uri']}")
+    return "\n".join(lines)
