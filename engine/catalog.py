@@ -13,6 +13,8 @@ from engine.config import SourceConfig
 from engine.storage import Storage
 
 CATALOG_FIELDS = ("product_id", "image_url", "category")
+# Reading is I/O; a whole CPU per read task would starve the actor pools on a 2-core node.
+READ_CPUS = 0.25
 
 
 class CatalogError(RuntimeError):
@@ -37,7 +39,8 @@ def read(cfg: SourceConfig, parallelism: int = -1):
     if not fs.exists(path):
         raise CatalogError(f"source.path {cfg.path!r}: no such file or directory")
     fmt = _format(cfg)
-    kw = dict(filesystem=fs, override_num_blocks=parallelism if parallelism > 0 else None)
+    kw = dict(filesystem=fs, override_num_blocks=parallelism if parallelism > 0 else None,
+              ray_remote_args={"num_cpus": READ_CPUS})
     if fmt == "parquet":
         ds = ray.data.read_parquet(path, **kw)
     elif fmt == "csv":

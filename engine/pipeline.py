@@ -34,6 +34,17 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
+def check_fits(cfg: Config, cluster_cpus: float) -> None:
+    """Actor pools hold their CPUs for the whole run; if they leave less than one CPU for the
+    catalog listing task, Ray Data waits forever. Say so up front instead."""
+    held = cfg.download.actors * cfg.download.cpus_per_actor + cfg.embed.actors * cfg.embed.cpus_per_actor
+    if held + 1 > cluster_cpus + 1e-9:
+        raise RunFailed(
+            f"the actor pools hold {held:g} CPUs (download.actors x download.cpus_per_actor + "
+            f"embed.actors x embed.cpus_per_actor) and the cluster has {cluster_cpus:g}; at least one "
+            f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
+
+
 def build_dataset(cfg: Config, run_id: str, device: str):
     """The streaming plan; nothing runs until it is iterated."""
     from ray.data import ActorPoolStrategy
@@ -78,6 +89,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)
             device = raycluster.embed_device(cfg.embed.device)
+            check_fits(cfg, raycluster.cpus_available())
             report.data["device"] = device
         with report.stage("download_embed_store"):
             _consume(build_dataset(cfg, run_id, device), report, storage, run_id)

@@ -45,6 +45,12 @@ def _quiet_data_logs() -> None:
     ctx.print_on_execution_start = False
 
 
+def cpus_available() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def gpus_available() -> float:
     import ray
 
