@@ -103,6 +103,9 @@ class ServeConfig(_Section):
     max_image_pixels: int = Field(40_000_000, ge=1)
     replica_cpus: float = Field(0.0, ge=0, description="0 on a shared single machine; real numbers on a cluster")
     cache_dir: str = Field(".lookalike-cache", description="local copy of remote indexes, mmap'd from here")
+    reload_interval_s: float = Field(10.0, gt=0, description="how often replicas look for a newer LATEST")
+    encoder_batch_size: int = Field(16, ge=1)
+    encoder_batch_wait_s: float = Field(0.005, ge=0)
 
 
 class NotifyConfig(_Section):

@@ -80,6 +80,11 @@ def upscale_small(img: Image.Image, size: int) -> Image.Image:
                       Image.Resampling.BICUBIC)
 
 
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded RGB image -> the embedder's input; the one definition pipeline and service share."""
+    return model_input(upscale_small(img, size), size)
+
+
 def prepare(data: bytes, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
     """Bytes -> uint8 ``size`` x ``size`` x 3 array ready for the embedder."""
-    return model_input(upscale_small(decode(data, max_pixels), size), size)
+    return preprocess(decode(data, max_pixels), size)

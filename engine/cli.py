@@ -1,0 +1,101 @@
+"""``lookalike``: a thin layer over engine functions. Every option is a config key (``--set``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine import config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", required=config_required, default=None,
+                   help="YAML config (default: the embedded configs/local.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override any config key, e.g. --set embed.batch_size=64 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="sample catalog -> pipeline -> service on 127.0.0.1 -> example queries")
+    _common(demo)
+    demo.add_argument("--products", type=int, default=2000, help="sample catalog size (1..10000)")
+    demo.add_argument("--queries", type=int, default=500, help="products queried for precision@10")
+    demo.add_argument("--port", type=int, default=None, help="same as --set serve.port=N")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the service up until Ctrl-C")
+    run = sub.add_parser("run", help="one pipeline run; exit 0 only when an index was validated and published")
+    _common(run)
+    srv = sub.add_parser("serve", help="the search service on the last published index")
+    _common(srv)
+    val = sub.add_parser("validate", help="validate a built index version; non-zero exit when it fails")
+    val.add_argument("uri", help="<storage root>/indexes/<model_version>[/<index_version>] (default: LATEST)")
+    _common(val)
+    return ap
+
+
+def cmd_demo(args) -> int:
+    from engine import demo
+
+    overrides = args.overrides + ([f"serve.port={args.port}"] if args.port else [])
+    demo.run(args.products, args.keep_serving, args.config, overrides, queries=args.queries)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from engine import pipeline, report
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        rep = pipeline.run(cfg)
+    except pipeline.RunFailed as exc:
+        if exc.report:
+            print(report.summary(exc.report))
+        print(f"lookalike run: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(report.summary(rep))
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from serve import app
+
+    cfg = config.load(args.config, args.overrides)
+    base = app.start(cfg)
+    print(f"Serving {cfg.embed.model_version} on {base} (OpenAPI: {base}/docs); Ctrl-C to stop", flush=True)
+    from engine.demo import _block
+
+    _block()
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from engine import validate
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        result = validate.validate_uri(args.uri, cfg.index.validate_)
+    except ValueError as exc:
+        print(f"lookalike validate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result, indent=2))
+    return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"demo": cmd_demo, "run": cmd_run, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
+    except config.ConfigError as exc:
+        print(f"lookalike {args.command}: config error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
