@@ -6,6 +6,7 @@ at least the threshold; an item queried with its own vector finds itself.
 """
 from __future__ import annotations
 
+import math
 import posixpath
 import tempfile
 
@@ -38,7 +39,7 @@ def _recall(index: LoadedIndex, sample: int, rng: np.random.Generator) -> tuple[
         vecs = np.stack([index.vector(name, i) for i in range(n)])
         if index.metric == "angular":
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12
-        m = min(n, max(1, round(sample * n / total)))
+        m = min(n, max(1, math.ceil(sample * n / total)))  # ceil: at least `sample` in all
         k = min(K, n)
         for q in rng.choice(n, size=m, replace=False):
             if index.metric == "euclidean":
@@ -70,8 +71,13 @@ def validate(storage: Storage, model_version: str, index_version: str, cfg: Vali
         except Exception as exc:  # a corrupt manifest or id map is a failed check, not a crash
             fail(f"load: {type(exc).__name__}: {exc}")
             return result
+        result["counts_checked_against"] = "run"
         if expected is None:
             expected = feature_counts(storage, model_version, index.manifest["run_id"])
+            result["counts_checked_against"] = "features"
+        if not expected:  # an index copied away from its features: the manifest is what we have
+            expected = {c: sum(s["count"] for s in e["shards"]) for c, e in index.manifest["categories"].items()}
+            result["counts_checked_against"] = "manifest"
         counts = {name: len(c) for name, c in index.categories.items()}
         result["counts"] = counts
         if counts != expected:

@@ -1,0 +1,81 @@
+"""One loopback-only Ray cluster per test session, and a small published index built through it."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from engine import raycluster
+
+os.environ.update(raycluster.loopback_env())
+
+SAMPLE_PRODUCTS = 240
+BROKEN = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """The session's Ray cluster; subprocesses join it through RAY_ADDRESS."""
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, _temp_dir=str(temp), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
+    yield address
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+# Rows a real catalog export contains sooner or later; each must become a reject row.
+MALFORMED = [
+    {"product_id": None, "image_url": "file:///nowhere.png", "category": "tops", "label": "x"},
+    {"product_id": "no-url", "image_url": "", "category": "tops", "label": "x"},
+    {"product_id": "ftp-url", "image_url": "ftp://example.invalid/a.png", "category": "tops", "label": "x"},
+    {"product_id": "bad-category", "image_url": "file:///nowhere.png", "category": "../etc", "label": "x"},
+]
+
+
+@pytest.fixture(scope="session")
+def sample_catalog(tmp_path_factory) -> str:
+    """240 real products, a truncated image, a missing file and the MALFORMED rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine import sample
+
+    path = sample.make_catalog(tmp_path_factory.mktemp("catalog"), SAMPLE_PRODUCTS, broken=BROKEN)
+    table = pq.read_table(path)
+    extra = pa.Table.from_pylist([{**row, "updated_at": "2026-11-01T00:00:00Z"} for row in MALFORMED],
+                                 schema=table.schema)
+    pq.write_table(pa.concat_tables([table, extra]), path)
+    return path
+
+
+def make_config(catalog: str, root, *more: str):
+    from engine import config
+
+    return config.load(None, [f"source.path={catalog}", f"storage.root={root}",
+                              f"serve.cache_dir={root}/cache", "index.validate.sample=200", *more])
+
+
+@pytest.fixture(scope="session")
+def published(ray_cluster, sample_catalog, tmp_path_factory):
+    """One pipeline run over the sample catalog: (config, report)."""
+    from engine import pipeline
+
+    root = tmp_path_factory.mktemp("store")
+    cfg = make_config(sample_catalog, root)
+    return cfg, pipeline.run(cfg)
