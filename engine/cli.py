@@ -41,7 +41,12 @@ def cmd_demo(args) -> int:
     from engine import demo
 
     overrides = args.overrides + ([f"serve.port={args.port}"] if args.port else [])
-    demo.run(args.products, args.keep_serving, args.config, overrides, queries=args.queries)
+    result = demo.run(args.products, args.keep_serving, args.config, overrides, queries=args.queries)
+    if not args.keep_serving:
+        import ray
+
+        ray.shutdown()  # before the summary, so Ray's shutdown chatter cannot follow it
+        print(json.dumps(result), flush=True)
     return EXIT_OK
 
 

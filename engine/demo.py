@@ -102,6 +102,7 @@ def upload_example(base: str, image_path: str) -> dict:
 
 def run(products: int = 2000, keep_serving: bool = False, config_path: str | None = None,
         overrides: list[str] | None = None, queries: int = QUERIES, broken: int = 2) -> dict:
+    """The whole demo; returns the summary (the CLI prints it as the last line, as JSON)."""
     t0 = time.monotonic()
     cfg: Config = config.load(config_path, overrides)
     catalog_path = cfg.source.path
@@ -146,8 +147,7 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
         }
         if keep_serving:
             _print_serving(base, query_ids[0])
-        print(json.dumps(result), flush=True)
-        if keep_serving:
+            print(json.dumps(result), flush=True)
             _block()
         return result
     finally:

@@ -1,0 +1,131 @@
+"""The search service over real HTTP on 127.0.0.1, answering from the index the pipeline published."""
+import io
+import json
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import free_port
+from engine import demo
+
+
+@pytest.fixture(scope="module")
+def service(published, sample_catalog):
+    from ray import serve
+
+    from serve import app
+
+    cfg, rep = published
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": free_port(),
+                                                                       "max_upload_bytes": 300_000})})
+    base = app.start(cfg)
+    yield base, cfg, rep
+    serve.delete("lookalike")
+
+
+@pytest.fixture(scope="module")
+def catalog(sample_catalog):
+    return {r["product_id"]: r for r in pq.read_table(sample_catalog).to_pylist() if r["product_id"]}
+
+
+def call(method, url, body=None, headers=None):
+    return demo.http_json(method, url, body, headers)
+
+
+def image_bytes(catalog, pid):
+    return open(urllib.request.url2pathname(urllib.parse.urlparse(catalog[pid]["image_url"]).path), "rb").read()
+
+
+def test_health_and_version(service):
+    base, cfg, rep = service
+    assert call("GET", base + "/healthz") == (200, {"status": "ok", "index_version": rep["index_version"]})
+    status, body = call("GET", base + "/version")
+    assert status == 200
+    assert body["model_version"] == cfg.embed.model_version and body["index_version"] == rep["index_version"]
+    assert body["counts"] == rep["categories"] and body["dim"] == 512
+
+
+def test_similar_precision_from_live_answers(service, catalog):
+    base, cfg, rep = service
+    labels = {pid: r["label"] for pid, r in catalog.items() if r["label"] not in ("broken", "x")}
+    queries = demo.pick_queries(sorted(labels), labels, 200)
+    precision, answers = demo.precision_at_k(base, queries, labels)
+    for pid, results in answers.items():
+        assert len(results) == 10 and pid not in {r["product_id"] for r in results}
+        assert {r["category"] for r in results} == {catalog[pid]["category"]}
+        scores = [r["score"] for r in results]
+        assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    # 240 products; the demo's 2000 score higher. Chance level here is about 0.4.
+    assert precision >= 0.65, precision
+
+
+def test_similar_options_and_errors(service, catalog):
+    base, cfg, rep = service
+    pid = next(p for p, r in catalog.items() if r["category"] == "shoes")
+    status, body = call("GET", f"{base}/similar/{pid}?k=3&category=bags,tops")
+    assert status == 200 and len(body["results"]) == 3
+    assert {r["category"] for r in body["results"]} <= {"bags", "tops"}
+    assert call("GET", f"{base}/similar/no-such-product")[0] == 404
+    assert call("GET", f"{base}/similar/broken-000")[0] == 404  # rejected rows are not indexed
+    assert call("GET", f"{base}/similar/{pid}?category=hats")[0] == 404
+    status, body = call("GET", f"{base}/similar/{pid}?k=0")
+    assert status == 400 and "k must be between" in body["error"]
+    status, body = call("GET", f"{base}/similar/{pid}?k=ten")
+    assert status == 422 and "k" in body["error"] and "Traceback" not in json.dumps(body)
+
+
+def test_search_by_uploaded_image_finds_the_product(service, catalog):
+    base, cfg, rep = service
+    pid = next(p for p, r in catalog.items() if r["label"] == "Trouser")
+    data = image_bytes(catalog, pid)
+    status, body = call("POST", f"{base}/search?k=5", data, {"Content-Type": "image/png"})
+    assert status == 200, body
+    (obj,) = body["objects"]
+    assert obj["box"] == [0, 0, 112, 112]
+    assert obj["results"][0]["product_id"] == pid and obj["results"][0]["score"] > 0.999
+    assert obj["results"][0]["category"] == "bottoms"
+    # multipart, limited to one category
+    answer = demo.upload_example(base, urllib.request.url2pathname(
+        urllib.parse.urlparse(catalog[pid]["image_url"]).path))
+    assert answer["objects"][0]["results"][0]["product_id"] == pid
+
+
+def test_search_matches_the_pipeline_vector(service, catalog, published):
+    """Upload and pipeline share one preprocessing: the stored vector is found at score 1."""
+    base, cfg, rep = service
+    pid = next(p for p, r in catalog.items() if r["category"] == "bags")
+    status, body = call("POST", f"{base}/search?k=1&category=bags", image_bytes(catalog, pid))
+    assert status == 200 and body["objects"][0]["results"] == [
+        {"product_id": pid, "category": "bags", "score": pytest.approx(1.0, abs=1e-3)}]
+
+
+def test_search_rejects_bad_uploads(service):
+    base, cfg, rep = service
+    status, body = call("POST", f"{base}/search", b"this is not an image", {"Content-Type": "image/png"})
+    assert status == 415 and "not_an_image" in body["error"]
+    status, body = call("POST", f"{base}/search", b"")
+    assert status == 422
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    assert len(buf.getvalue()) > 300_000
+    status, body = call("POST", f"{base}/search", buf.getvalue(), {"Content-Type": "image/png"})
+    assert status == 413 and "limit" in body["error"]
+    boundary = "b0undary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"picture\"; filename=\"a.png\"\r\n\r\n"
+            f"xx\r\n--{boundary}--\r\n").encode()
+    status, body = call("POST", f"{base}/search", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 422 and "'image'" in body["error"]
+
+
+def test_openapi_docs(service):
+    base, _, _ = service
+    with urllib.request.urlopen(base + "/openapi.json") as resp:
+        spec = json.loads(resp.read())
+    assert {"/similar/{product_id}", "/search", "/healthz", "/version"} <= set(spec["paths"])
+    with urllib.request.urlopen(base + "/docs") as resp:
+        assert resp.status == 200
