@@ -40,7 +40,7 @@ def read(cfg: SourceConfig, parallelism: int = -1):
         raise CatalogError(f"source.path {cfg.path!r}: no such file or directory")
     fmt = _format(cfg)
     kw = dict(filesystem=fs, override_num_blocks=parallelism if parallelism > 0 else None,
-              ray_remote_args={"num_cpus": READ_CPUS})
+              num_cpus=READ_CPUS)
     if fmt == "parquet":
         ds = ray.data.read_parquet(path, **kw)
     elif fmt == "csv":

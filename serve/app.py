@@ -10,6 +10,7 @@ version that fails to load is logged and skipped while the last good one keeps s
 """
 
 import logging
+import os
 import threading
 import time
 
@@ -229,7 +230,10 @@ def app_builder(args: dict):
     overrides = args.get("set") or []
     if isinstance(overrides, str):
         overrides = [overrides]
-    return build_app(config.load(args.get("config"), overrides))
+    path = args.get("config")
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        path = str(config.DEFAULT_CONFIG.parent.parent / path)  # relative to the project, not the worker's cwd
+    return build_app(config.load(path, overrides))
 
 
 def start(cfg: Config, wait_s: float = 300.0) -> str:
