@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-serving", action="store_true", help="leave the service up until Ctrl-C")
     run = sub.add_parser("run", help="one pipeline run; exit 0 only when an index was validated and published")
     _common(run)
+    run.add_argument("--full", action="store_true", help="recompute every row (same as --set plan.full=true)")
     srv = sub.add_parser("serve", help="the search service on the last published index")
     _common(srv)
     val = sub.add_parser("validate", help="validate a built index version; non-zero exit when it fails")
@@ -53,7 +54,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from engine import pipeline, report
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides + (["plan.full=true"] if args.full else []))
     try:
         rep = pipeline.run(cfg)
     except pipeline.RunFailed as exc:

@@ -112,8 +112,14 @@ class NotifyConfig(_Section):
     slack_webhook_env: Optional[str] = None
 
 
+class PlanConfig(_Section):
+    full: bool = Field(False, description="recompute every row, reusing no stored features (--full)")
+    publish_unchanged: bool = Field(True, description="publish a fresh index version even when nothing changed")
+
+
 class Config(_Section):
     source: SourceConfig
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     detect: DetectConfig = Field(default_factory=DetectConfig)

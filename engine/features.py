@@ -6,6 +6,7 @@ It emits only small outcome rows (no vectors, no pixels) for the driver to count
 """
 from __future__ import annotations
 
+import collections
 import uuid
 
 import numpy as np
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 
 from engine.storage import Storage
 
-OUTCOME_COLUMNS = ["product_id", "image_url", "category", "status", "reason", "detail"]
+OUTCOME_COLUMNS = ["product_id", "image_url", "category", "status", "reason", "detail",
+                   "content_key", "action", "source_run"]
+MANIFEST_COLUMNS = ["product_id", "image_url", "category", "content_key", "source_run"]
 
 
 def run_prefix(model_version: str, run_id: str) -> tuple[str, ...]:
@@ -27,10 +30,10 @@ def write_batch(batch: pa.Table, root: str, model_version: str, run_id: str) -> 
     storage = Storage(root)
     prefix = run_prefix(model_version, run_id)
     ok = batch.filter(pc.equal(batch.column("status"), "ok"))
-    ok = ok.drop_columns([c for c in ("status", "reason", "detail") if c in ok.column_names])
+    ok = ok.drop_columns([c for c in ("status", "reason", "detail", "action", "source_run") if c in ok.column_names])
     for category in pc.unique(ok.column("category")).to_pylist():
         _write(storage, prefix, category, ok.filter(pc.equal(ok.column("category"), category)))
-    return batch.select(OUTCOME_COLUMNS)
+    return batch.select([c for c in OUTCOME_COLUMNS if c in batch.column_names])
 
 
 def _write(storage: Storage, prefix: tuple, category: str, table: pa.Table) -> None:
@@ -42,18 +45,108 @@ def _write(storage: Storage, prefix: tuple, category: str, table: pa.Table) -> N
     storage.fs.mv(tmp, f"{folder}/{name}")
 
 
-def categories(storage: Storage, model_version: str, run_id: str) -> list[str]:
+def manifest_path(model_version: str, index_version: str) -> tuple[str, ...]:
+    return ("manifests", model_version, f"{index_version}.parquet")
+
+
+def write_manifest(storage: Storage, model_version: str, index_version: str, table: pa.Table) -> None:
+    """The products an index version holds and where each one's features live (run id)."""
+    parts = manifest_path(model_version, index_version)
+    storage.makedirs(*parts[:-1])
+    target = storage.path(*parts)
+    tmp = f"{target}.tmp"
+    pq.write_table(table.select(MANIFEST_COLUMNS), tmp, filesystem=storage.fs)
+    storage.fs.mv(tmp, target)
+
+
+def read_manifest(storage: Storage, model_version: str, index_version: str) -> pa.Table | None:
+    parts = manifest_path(model_version, index_version)
+    if not storage.exists(*parts):
+        return None
+    return pq.read_table(storage.path(*parts), filesystem=storage.fs)
+
+
+def runs(storage: Storage, model_version: str) -> list[str]:
+    return [n.split("=", 1)[1] for n in storage.listdir("features", model_version) if n.startswith("run=")]
+
+
+def _shards(storage: Storage, folder: str) -> list[str]:
+    return sorted(f for f in storage.fs.ls(folder, detail=False)
+                  if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
+
+
+def _run_categories(storage: Storage, model_version: str, run_id: str) -> list[str]:
     names = storage.listdir(*run_prefix(model_version, run_id))
     return [n.split("=", 1)[1] for n in names if n.startswith("category=")]
 
 
+def _read_run_category(storage, model_version, run_id, category, columns) -> pa.Table:
+    folder = storage.path(*run_prefix(model_version, run_id), f"category={category}")
+    files = _shards(storage, folder) if storage.fs.exists(folder) else []
+    tables = [pq.read_table(f, columns=list(columns), filesystem=storage.fs) for f in files]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def read_run_keys(storage: Storage, model_version: str, run_id: str) -> pa.Table:
+    """(product_id, content_key, category, source_run) of a run's committed shards (no vectors)."""
+    tables = []
+    for cat in _run_categories(storage, model_version, run_id):
+        folder = storage.path(*run_prefix(model_version, run_id), f"category={cat}")
+        for f in _shards(storage, folder):
+            names = pq.ParquetFile(f, filesystem=storage.fs).schema_arrow.names
+            if "content_key" not in names:
+                continue
+            t = pq.read_table(f, columns=["product_id", "content_key", "category"], filesystem=storage.fs)
+            tables.append(t.append_column("source_run", pa.array([run_id] * t.num_rows, pa.string())))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in ("product_id", "content_key", "category", "source_run")})
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def categories(storage: Storage, model_version: str, run_id: str) -> list[str]:
+    """Categories of the feature set for ``run_id``: its manifest when it has one, else its own shards."""
+    manifest = read_manifest(storage, model_version, run_id)
+    if manifest is not None:
+        return sorted(pc.unique(manifest.column("category")).to_pylist())
+    return _run_categories(storage, model_version, run_id)
+
+
 def read_category(storage: Storage, model_version: str, run_id: str, category: str,
                   columns=("product_id", "vector")) -> pa.Table:
-    folder = storage.path(*run_prefix(model_version, run_id), f"category={category}")
-    files = [f for f in storage.fs.ls(folder, detail=False)
-             if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
-    tables = [pq.read_table(f, columns=list(columns), filesystem=storage.fs) for f in sorted(files)]
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+    """A category's (product_id, vector, ...) for ``run_id``'s feature set.
+
+    With a manifest (incremental runs), features are gathered from every run the manifest
+    names, one row per product whose stored content key matches; else the run's own shards.
+    """
+    manifest = read_manifest(storage, model_version, run_id)
+    if manifest is None:
+        table = _read_run_category(storage, model_version, run_id, category, columns)
+        return table if table is not None else pa.table({c: [] for c in columns})
+    wanted = manifest.filter(pc.equal(manifest.column("category"), category))
+    cols = list(dict.fromkeys([*columns, "product_id", "content_key"]))
+    parts = []
+    for source in pc.unique(wanted.column("source_run")).to_pylist():
+        rows = wanted.filter(pc.equal(wanted.column("source_run"), source))
+        table = _read_run_category(storage, model_version, source, category, cols)
+        if table is None:
+            raise FileNotFoundError(f"features of run {source} for category {category} are missing")
+        keys = pc.binary_join_element_wise(table.column("product_id"), table.column("content_key"), "\x00")
+        want = pc.binary_join_element_wise(rows.column("product_id"), rows.column("content_key"), "\x00")
+        parts.append(table.filter(pc.is_in(keys, value_set=want)))
+    table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in cols})
+    _, first = np.unique(np.asarray(table.column("product_id").to_pylist(), dtype=object), return_index=True)
+    table = table.take(pa.array(np.sort(first), pa.int64())) if len(first) != table.num_rows else table
+    if table.num_rows != wanted.num_rows:
+        raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
+                         f"{table.num_rows} have stored features")
+    return table.select(list(columns))
+
+
+def counts(storage: Storage, model_version: str, run_id: str) -> dict[str, int]:
+    manifest = read_manifest(storage, model_version, run_id)
+    if manifest is None:
+        return {}
+    return dict(collections.Counter(manifest.column("category").to_pylist()))
 
 
 def vectors(table: pa.Table) -> np.ndarray:

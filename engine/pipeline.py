@@ -6,6 +6,7 @@ returns normally only when an index was validated and published.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, features, index, publish, raycluster, validate
+from engine import catalog, features, index, plan, publish, raycluster, validate
 from engine.config import Config
 from engine.download import DownloadStage
 from engine.embed import EmbedStage
@@ -45,14 +46,23 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
-def build_dataset(cfg: Config, run_id: str, device: str):
+def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table):
     """The streaming plan; nothing runs until it is iterated."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
     ds = catalog.read(cfg.source)
     ds = ds.map_batches(
-        DownloadStage, fn_constructor_kwargs={"cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size},
+        plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "full": cfg.plan.full},
+        batch_format="pyarrow", batch_size=cfg.download.batch_size * 4,
+        compute=ActorPoolStrategy(size=1), num_cpus=catalog.READ_CPUS)
+    # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
+    # loses at most the shards in flight (a whole-file block would commit only at the end).
+    ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
+    ds = ds.map_batches(
+        plan.SkipReused, fn_constructor_kwargs={"stage": DownloadStage, "stage_kwargs": {
+            "cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size}},
         batch_format="pyarrow", batch_size=cfg.download.batch_size,
         compute=ActorPoolStrategy(size=cfg.download.actors), num_cpus=cfg.download.cpus_per_actor)
     ds = ds.map_batches(
@@ -66,17 +76,61 @@ def build_dataset(cfg: Config, run_id: str, device: str):
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
 
-def _consume(ds, report: Report, storage: Storage, run_id: str) -> None:
-    rejects = []
+REJECT_COLUMNS = ("product_id", "image_url", "category", "reason", "detail")
+
+
+def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
+    """Count outcomes, write rejects.parquet, and return the manifest rows of this run's products."""
+    counts = report.data["counts"]
+    counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0)
+    reasons, rejects, entries = collections.Counter(), [], {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        report.count_outcomes(batch)
-        bad = batch.filter(pc.equal(batch.column("status"), "rejected"))
-        if bad.num_rows:
-            rejects.append(bad.select(["product_id", "image_url", "category", "reason", "detail"]))
-    table = pa.concat_tables(rejects) if rejects else pa.table(
-        {c: pa.array([], pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")})
+        for row in batch.to_pylist():
+            counts["rows_in"] += 1
+            action = row.get("action") or plan.NEW
+            counts["unchanged_reused" if action == plan.REUSE else action] += 1
+            counts["processed"] += action != plan.REUSE
+            status, pid = row["status"], row["product_id"]
+            if status != "rejected" and pid in entries:
+                counts["duplicates"] += 1
+                status, row["reason"] = "rejected", "duplicate_product_id"
+                row["detail"] = f"product_id seen earlier in this catalog (kept {entries[pid]['image_url']})"
+            if status == "rejected":
+                counts["rejected"] += 1
+                reasons[row["reason"]] += 1
+                rejects.append({c: row.get(c) for c in REJECT_COLUMNS})
+                continue
+            counts["ok"] += status == "ok"
+            entries[pid] = {"product_id": pid, "image_url": row["image_url"], "category": row["category"],
+                            "content_key": row["content_key"],
+                            "source_run": run_id if status == "ok" else row["source_run"]}
+    report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+    schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
     storage.makedirs("runs", run_id)
-    pq.write_table(table, storage.path("runs", run_id, "rejects.parquet"), filesystem=storage.fs)
+    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
+                   filesystem=storage.fs)
+    manifest = pa.Table.from_pylist(list(entries.values()),
+                                    schema=pa.schema([(c, pa.string()) for c in features.MANIFEST_COLUMNS]))
+    report.data["categories"] = dict(sorted(collections.Counter(manifest.column("category").to_pylist()).items()))
+    return manifest
+
+
+def _removed(storage: Storage, model_version: str, manifest: pa.Table) -> int:
+    """Products of the published index that this run's catalog no longer has."""
+    published = publish.latest(storage, model_version)
+    previous = features.read_manifest(storage, model_version, published) if published else None
+    if previous is None:
+        return 0
+    gone = pc.invert(pc.is_in(previous.column("product_id"), value_set=manifest.column("product_id")))
+    return int(pc.sum(gone).as_py() or 0)
+
+
+def _unchanged(counts: dict) -> bool:
+    """No new features and nobody gone: the published index already says everything.
+
+    Rows rejected again (a URL still dead) do not count as change; they are retried every run.
+    """
+    return counts["ok"] == 0 and counts["removed"] == 0 and counts["duplicates"] == 0
 
 
 def run(cfg: Config, run_id: str | None = None) -> dict:
@@ -91,16 +145,28 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             device = raycluster.embed_device(cfg.embed.device)
             check_fits(cfg, raycluster.cpus_available())
             report.data["device"] = device
+        with report.stage("plan"):
+            known = pa.table({c: pa.array([], pa.string()) for c in plan.STATE_COLUMNS}) if cfg.plan.full \
+                else plan.known_features(storage, mv, run_id)
+            report.data["known_features"] = known.num_rows
         with report.stage("download_embed_store"):
-            _consume(build_dataset(cfg, run_id, device), report, storage, run_id)
+            manifest = _consume(build_dataset(cfg, run_id, device, known), report, storage, run_id)
         report.rate("download_embed_store", report.data["counts"]["ok"])
-        if report.data["counts"]["ok"] == 0:
+        counts = report.data["counts"]
+        counts["removed"] = _removed(storage, mv, manifest)
+        counts["indexed"] = manifest.num_rows
+        if manifest.num_rows == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
+        if not cfg.plan.publish_unchanged and _unchanged(counts):
+            report.data["index_version"] = publish.latest(storage, mv)
+            report.finish("unchanged")
+            return report.data
+        features.write_manifest(storage, mv, run_id, manifest)
         with report.stage("index"):
             index.build(cfg.storage.root, mv, run_id, run_id, cfg.index)
         report.data["index_version"] = run_id
         with report.stage("validate"):
-            expected = report.data["categories"]
+            expected = features.counts(storage, mv, run_id)
             result = validate.validate(storage, mv, run_id, cfg.index.validate_, expected=expected)
         report.data["validation"] = result
         if not result["ok"]:

@@ -73,7 +73,12 @@ def summary(report: dict) -> str:
     c = report["counts"]
     lines = [f"run {report['run_id']}: {report['status'].upper()} in {report.get('elapsed_s', 0):.1f}s "
              f"(model {report['model_version']}, device {report.get('device', '?')})",
-             f"  rows {c['rows_in']}: ok {c['ok']}, rejected {c['rejected']}"]
+             f"  rows {c['rows_in']}: ok {c['ok']}, rejected {c['rejected']}"
+             + (f", reused {c['unchanged_reused']}" if "unchanged_reused" in c else "")]
+    if "processed" in c:
+        lines.append(f"  plan: new {c['new']}, changed {c['changed']}, unchanged {c['unchanged_reused']}, "
+                     f"removed {c.get('removed', 0)}, duplicates {c['duplicates']} -> processed {c['processed']}, "
+                     f"indexed {c.get('indexed', '?')}")
     if report.get("rejects_by_reason"):
         lines.append("  rejects: " + ", ".join(f"{k} {v}" for k, v in report["rejects_by_reason"].items())
                      + f"  -> {report['rejects_uri']}")

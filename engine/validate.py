@@ -22,7 +22,9 @@ K = 10
 
 
 def feature_counts(storage: Storage, model_version: str, run_id: str) -> dict[str, int]:
-    counts = {}
+    counts = features.counts(storage, model_version, run_id)  # incremental runs: the product manifest
+    if counts:
+        return counts
     for cat in features.categories(storage, model_version, run_id):
         folder = storage.path(*features.run_prefix(model_version, run_id), f"category={cat}")
         files = [f for f in storage.fs.ls(folder, detail=False) if f.rsplit("/", 1)[-1].startswith("part-")]
