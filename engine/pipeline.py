@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, features, index, publish, raycluster, validate
+from engine import catalog, features, index, metrics, notify, publish, raycluster, validate
 from engine.config import Config
 from engine.download import DownloadStage
 from engine.embed import EmbedStage
@@ -85,6 +85,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     storage = Storage(cfg.storage.root)
     mv = cfg.embed.model_version
     report = Report(run_id, mv, storage)
+    report.observe(metrics.RunMetrics(cfg.storage.root), notify.RunNotifier(cfg))  # dashboard + Slack
     try:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)
