@@ -195,12 +195,10 @@ def test_token_without_channel_is_a_config_error(tmp_path):
 
 # -- metrics: the same run, read back from the node's Prometheus endpoint --------------------------
 
-def scrape(ray_address: str) -> dict:
-    """{(name, frozenset(labels)): value} from this node's metrics export port."""
-    import ray
+def scrape(port: int) -> dict:
+    """{(name, frozenset(labels)): value} from a node's metrics export port."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    port = ray.nodes()[0]["MetricsExportPort"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -213,14 +211,21 @@ def scrape(ray_address: str) -> dict:
     return out
 
 
-def wait_for(ray_address, check, timeout_s=60):
+def wait_for_port(port, check, timeout_s=60):
     """Metrics reach the endpoint on Ray's export interval (a few seconds): poll until they do."""
     deadline = time.monotonic() + timeout_s
     while True:
-        seen = scrape(ray_address)
+        seen = scrape(port)
         if check(seen) or time.monotonic() > deadline:
             return seen
         time.sleep(1)
+
+
+def wait_for(check, timeout_s=60):
+    """The same, on the session cluster's (single) node."""
+    import ray
+
+    return wait_for_port(ray.nodes()[0]["MetricsExportPort"], check, timeout_s)
 
 
 def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
@@ -233,7 +238,7 @@ def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
     def ready(seen):
         return all(value(seen, "ray_lookalike_index_items", category=c) == n for c, n in rep["categories"].items())
 
-    seen = wait_for(ray_cluster, ready)
+    seen = wait_for(ready)
     assert ready(seen), sorted(k for k in seen if "index_items" in k[0])
     # Counters add up every run this driver made in the session; this run alone is at least this much.
     assert value(seen, "ray_lookalike_rows_total", outcome="ok") >= 30
