@@ -205,7 +205,7 @@ def scrape(port: int) -> dict:
         for s in family.samples:
             if s.name.startswith("ray_lookalike_"):
                 keep = {k: v for k, v in s.labels.items() if k in ("model_version", "outcome", "reason", "stage",
-                                                                   "category", "status", "route", "le")}
+                                                                   "category", "status", "route", "le", "index_version")}
                 key = (s.name, frozenset(keep.items()))
                 out[key] = out.get(key, 0) + s.value  # summed over workers
     return out
