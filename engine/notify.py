@@ -143,9 +143,9 @@ class RunNotifier:
 
     def on_start(self, data: dict) -> None:
         self.run_id = data["run_id"]
-        self.previous = self._previous_index(data["model_version"])
         if not self.notifier.enabled:
             return
+        self.previous = self._previous_index(data["model_version"])
         src = self.cfg.source
         where = src.path if src.kind == "files" else "BigQuery"
         sid = submission_id()
