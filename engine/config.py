@@ -109,7 +109,27 @@ class ServeConfig(_Section):
 
 
 class NotifyConfig(_Section):
-    slack_webhook_env: Optional[str] = None
+    """Slack. Secrets never live in a config file: only the names of where to find them."""
+    environment: str = Field("local", description="shown in every message, e.g. prod")
+    channel: Optional[str] = Field(None, description="channel for a bot token (chat.postMessage)")
+    token_env: Optional[str] = Field(None, description="env var holding a bot token")
+    token_file: Optional[str] = Field(None, description="mounted secret file holding a bot token")
+    slack_webhook_env: Optional[str] = Field(None, description="env var holding an incoming-webhook URL")
+    webhook_file: Optional[str] = Field(None, description="mounted secret file holding a webhook URL")
+    base_url: str = Field("https://slack.com/api/", description="Slack Web API base URL")
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0, description="extra attempts per message before giving up with a warning")
+    retry_wait_s: float = Field(1.0, ge=0)
+    stage_budgets_s: dict[str, float] = Field(default_factory=dict, description="stage name -> seconds")
+    max_reject_ratio: float = Field(0.05, ge=0, le=1)
+    reject_check_min_rows: int = Field(1000, ge=1, description="rows seen before the ratio is judged mid-run")
+    logs_url: Optional[str] = Field(None, description="where logs are; {run_id} and {submission_id} filled in")
+
+    @model_validator(mode="after")
+    def _channel_for_token(self):
+        if (self.token_env or self.token_file) and not self.channel:
+            raise ValueError("notify.channel is required with notify.token_env or notify.token_file")
+        return self
 
 
 class PlanConfig(_Section):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, features, index, plan, publish, raycluster, validate
+from engine import catalog, features, index, metrics, notify, plan, publish, raycluster, validate
 from engine.config import Config
 from engine.download import DownloadStage
 from engine.embed import EmbedStage
@@ -104,7 +104,8 @@ def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
             entries[pid] = {"product_id": pid, "image_url": row["image_url"], "category": row["category"],
                             "content_key": row["content_key"],
                             "source_run": run_id if status == "ok" else row["source_run"]}
-    report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+        report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+        report.progress()
     schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
     storage.makedirs("runs", run_id)
     pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
@@ -139,6 +140,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     storage = Storage(cfg.storage.root)
     mv = cfg.embed.model_version
     report = Report(run_id, mv, storage)
+    report.observe(metrics.RunMetrics(cfg.storage.root), notify.RunNotifier(cfg))  # dashboard + Slack
     try:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import time
 
 import pyarrow as pa
 
 from engine.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 class Report:
@@ -27,15 +30,39 @@ class Report:
             "report_uri": storage.uri("runs", run_id, "report.json"),
             "rejects_uri": storage.uri("runs", run_id, "rejects.parquet"),
         }
+        self.observers: list = []
+
+    def observe(self, *observers) -> None:
+        """Attach observers (Slack, metrics); each hears on_start now, then every event."""
+        self.observers.extend(observers)
+        for obs in observers:
+            self._emit_to(obs, "on_start", self.data)
+
+    def _emit(self, event: str, *args) -> None:
+        for obs in self.observers:
+            self._emit_to(obs, event, *args)
+
+    @staticmethod
+    def _emit_to(obs, event: str, *args) -> None:
+        """An observer's failure is logged, never the run's failure."""
+        handler = getattr(obs, event, None)
+        if handler is None:
+            return
+        try:
+            handler(*args)
+        except Exception:  # noqa: BLE001
+            log.warning("%s.%s failed; the run goes on", type(obs).__name__, event, exc_info=True)
 
     @contextlib.contextmanager
     def stage(self, name: str):
         self.current = name
         t = time.time()
+        self._emit("on_stage_start", name)
         try:
             yield
         finally:
             self.data["stages"][name] = {"seconds": round(time.time() - t, 3)}
+            self._emit("on_stage_end", name, self.data["stages"][name]["seconds"])
         self.current = None
 
     def rate(self, stage: str, items: int) -> None:
@@ -58,6 +85,11 @@ class Report:
                 reasons[reason] += 1
         self.data["categories"] = dict(sorted(cats.items()))
         self.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+        self._emit("on_progress", self.data)
+
+    def progress(self) -> None:
+        """Tell observers the running totals changed (after each batch of outcomes)."""
+        self._emit("on_progress", self.data)
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.data["status"] = status
@@ -65,7 +97,10 @@ class Report:
             self.data["error"] = error
             self.data["failed_stage"] = self.current
         self.data["elapsed_s"] = round(time.time() - self.t0, 3)
-        self.storage.write_json(self.data, "runs", self.data["run_id"], "report.json")
+        try:
+            self.storage.write_json(self.data, "runs", self.data["run_id"], "report.json")
+        finally:  # a run whose report cannot be written is still announced
+            self._emit("on_finish", self.data)
 
 
 def summary(report: dict) -> str:

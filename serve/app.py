@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import imaging, publish
+from engine import imaging, metrics, publish
 from engine.config import Config, EmbedConfig
 from engine.embed import Embedder
 from engine.index import IndexLoadError, LoadedIndex
@@ -35,6 +35,7 @@ api = FastAPI(
                 "score is cosine similarity (1 = identical).",
     version="1",
 )
+api.add_middleware(metrics.LatencyMiddleware)  # latency per route on the Ray dashboard
 
 
 class ApiError(Exception):
@@ -111,6 +112,7 @@ class IndexHolder:
             return False
         previous, self.current = self.current, loaded
         log.info("serving index %s (was %s)", version, previous and previous.version)
+        metrics.safely(metrics.service().index_swapped, self.model_version, version, previous and previous.version)
         return True
 
     def _watch(self) -> None:

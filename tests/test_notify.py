@@ -1,0 +1,249 @@
+"""Slack messages and dashboard metrics from real pipeline runs on the session's Ray cluster.
+
+A local HTTP server on 127.0.0.1 stands in for Slack: the Web API (``chat.postMessage``,
+reached through ``WebClient(base_url=...)``) and an incoming webhook. It records every request,
+and can play an outage (503 to everything).
+"""
+import json
+import logging
+import shutil
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pytest
+
+from conftest import make_config
+from engine import notify, pipeline, sample
+from engine.storage import Storage
+
+TOKEN_ENV = "LOOKALIKE_TEST_SLACK_TOKEN"
+WEBHOOK_ENV = "LOOKALIKE_TEST_SLACK_WEBHOOK"
+
+
+class FakeSlack:
+    """Records what Slack would have received; ``outage=True`` answers 503 to everything."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.outage = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("authorization"),
+                                       "body": json.loads(body or b"{}")})
+                if outer.outage:
+                    return self._answer(503, b"upstream connect error", "text/plain")
+                if self.path == "/api/chat.postMessage":
+                    return self._answer(200, json.dumps({"ok": True, "ts": str(time.time())}).encode())
+                if self.path.startswith("/hooks/"):
+                    return self._answer(200, b"ok", "text/plain")
+                self._answer(404, b'{"ok": false, "error": "unknown_method"}')
+
+            def _answer(self, status, body, ctype="application/json"):
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts(self) -> list[str]:
+        return [r["body"]["text"] for r in self.requests]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def slack():
+    server = FakeSlack()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory):
+    """30 real products plus a truncated image and a missing file: 2 rejects in 32 rows (6.25%)."""
+    return sample.make_catalog(tmp_path_factory.mktemp("notify-catalog"), 30, seed=11, broken=2)
+
+
+@pytest.fixture(scope="module")
+def succeeded(ray_cluster, published, small_catalog, tmp_path_factory):
+    """A run through the bot-token transport, on a store whose LATEST is the session's published index."""
+    server = FakeSlack()
+    root = tmp_path_factory.mktemp("notify-store")
+    base_cfg, base_rep = published
+    shutil.copytree(Storage(base_cfg.storage.root).path("indexes"), root / "indexes")
+    cfg = make_config(small_catalog, root, f"notify.token_env={TOKEN_ENV}", "notify.channel='#lookalike-ops'",
+                      f"notify.base_url={server.url}/api/", "notify.environment=test",
+                      "notify.stage_budgets_s={download_embed_store: 0.001, index: 3600}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_ENV, "xoxb-test-token")
+        rep = pipeline.run(cfg)
+    server.close()
+    return cfg, rep, server.requests, base_rep
+
+
+def test_succeeding_run_says_started_slow_stage_rejects_and_summary_in_order(succeeded):
+    cfg, rep, requests, base_rep = succeeded
+    assert rep["status"] == "published"
+    assert all(r["path"] == "/api/chat.postMessage" and r["auth"] == "Bearer xoxb-test-token"
+               and r["body"]["channel"] == "#lookalike-ops" for r in requests)
+    texts = [r["body"]["text"] for r in requests]
+    assert len(texts) == 4, texts
+    started, slow, rejects, done = texts
+    run = rep["run_id"]
+    assert started.startswith(":arrow_forward: [test] Lookalike run") and f"`{run}` started" in started
+    assert cfg.embed.model_version in started and cfg.source.path in started
+
+    assert f"run `{run}`: stage `download_embed_store`" in slow and "budget of 0.001s" in slow
+    assert "notify.stage_budgets_s.download_embed_store" in slow
+    assert "stage `index`" not in "".join(texts)  # within its budget: nothing said
+
+    assert "reject ratio 6.2% (2 of 32 rows)" in rejects and "ceiling 5.0%" in rejects
+    assert "decode_error 1" in rejects and "not_found 1" in rejects and rep["rejects_uri"] in rejects
+
+    assert done.startswith(f":white_check_mark: [test] Lookalike run `{run}` published index `{rep['index_version']}`")
+    assert f"Changes vs `{base_rep['index_version']}`: " in done
+    for category, n in rep["categories"].items():
+        assert f"{category} {n} ({n - base_rep['categories'][category]:+d})" in done
+    assert "rows 32: ok 30, rejected 2" in done and "rejects: decode_error 1, not_found 1" in done
+    assert "stages: connect" in done and "download_embed_store" in done and rep["report_uri"] in done
+    assert f"published {rep['index_version']}" in done
+
+
+def test_failing_run_says_stage_error_and_where_the_logs_are(ray_cluster, slack, tmp_path, monkeypatch):
+    rows = [{"product_id": f"p{i}", "image_url": f"file://{tmp_path}/missing-{i}.png", "category": "tops"}
+            for i in range(5)]
+    catalog = tmp_path / "catalog.csv"
+    pcsv.write_csv(pa.Table.from_pylist(rows), catalog)
+    monkeypatch.setenv(WEBHOOK_ENV, f"{slack.url}/hooks/T000/B000/XXXX")
+    cfg = make_config(str(catalog), tmp_path / "store", f"notify.slack_webhook_env={WEBHOOK_ENV}",
+                      "notify.environment=prod", "notify.logs_url=https://logs.example.test/q?run={run_id}")
+    with pytest.raises(pipeline.RunFailed) as failed:
+        pipeline.run(cfg)
+    rep = failed.value.report
+    assert [r["path"] for r in slack.requests] == ["/hooks/T000/B000/XXXX"] * 3
+    started, rejects, fail = slack.texts()
+    assert started.startswith(":arrow_forward: [prod] Lookalike run") and f"`{rep['run_id']}` started" in started
+    assert "reject ratio 100.0% (5 of 5 rows)" in rejects and "not_found 5" in rejects
+    assert fail.startswith(f":x: [prod] Lookalike run `{rep['run_id']}` FAILED in stage `download_embed_store`: "
+                           "no image could be processed; nothing to index")
+    logs = fail.split("\n")[1]
+    assert logs.startswith("Logs: https://logs.example.test/q?run=" + rep["run_id"])
+    assert f"report {rep['report_uri']}" in logs and f"rejected rows {rep['rejects_uri']}" in logs
+    assert "rows 5: ok 0, rejected 5" in fail
+
+
+def test_slack_outage_never_fails_a_run(ray_cluster, slack, tmp_path, monkeypatch, caplog):
+    slack.outage = True
+    monkeypatch.setenv(TOKEN_ENV, "xoxb-test-token")
+    cfg = make_config(str(tmp_path / "no-such-catalog.parquet"), tmp_path / "store",
+                      f"notify.token_env={TOKEN_ENV}", "notify.channel='#ops'", f"notify.base_url={slack.url}/api/",
+                      "notify.retries=2", "notify.retry_wait_s=0")
+    with caplog.at_level(logging.WARNING, logger="engine.notify"), pytest.raises(pipeline.RunFailed) as failed:
+        pipeline.run(cfg)
+    assert "no such file" in str(failed.value)  # the run's own error, not Slack's
+    assert len(slack.requests) == 2 * 3  # started + failed, each 1 + notify.retries attempts
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("not sent after 3 attempts" in w for w in warnings)
+
+
+def test_token_from_a_mounted_secret_file(slack, tmp_path):
+    secret = tmp_path / "slack-token"
+    secret.write_text("xoxb-from-secret-file\n")
+    cfg = make_config("c.parquet", tmp_path, f"notify.token_file={secret}", "notify.channel='#ops'",
+                      f"notify.base_url={slack.url}/api/")
+    n = notify.Notifier(cfg.notify)
+    assert n.enabled and str(secret) in n.transport
+    assert n.send("hello") is True
+    assert slack.requests[0]["auth"] == "Bearer xoxb-from-secret-file"
+
+
+def test_no_credentials_means_off_said_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setattr(notify, "_said_off", False)
+    cfg = make_config("c.parquet", tmp_path, f"notify.token_env={TOKEN_ENV}", "notify.channel='#ops'",
+                      f"notify.token_file={tmp_path}/absent")
+    with caplog.at_level(logging.INFO, logger="engine.notify"):
+        first, second = notify.Notifier(cfg.notify), notify.Notifier(cfg.notify)
+    assert not first.enabled and not second.enabled and first.send("x") is False
+    said = [r.getMessage() for r in caplog.records if "notifications off" in r.getMessage()]
+    assert said == [f"Slack notifications off: no bot token (${TOKEN_ENV} or {tmp_path}/absent) "
+                    f"and no webhook (nothing configured)"]
+
+
+def test_token_without_channel_is_a_config_error(tmp_path):
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="notify.channel is required"):
+        make_config("c.parquet", tmp_path, "notify.token_env=SLACK_BOT_TOKEN")
+
+
+# -- metrics: the same run, read back from the node's Prometheus endpoint --------------------------
+
+def scrape(port: int) -> dict:
+    """{(name, frozenset(labels)): value} from a node's metrics export port."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_lookalike_"):
+                keep = {k: v for k, v in s.labels.items() if k in ("model_version", "outcome", "reason", "stage",
+                                                                   "category", "status", "route", "le", "index_version")}
+                key = (s.name, frozenset(keep.items()))
+                out[key] = out.get(key, 0) + s.value  # summed over workers
+    return out
+
+
+def wait_for_port(port, check, timeout_s=60):
+    """Metrics reach the endpoint on Ray's export interval (a few seconds): poll until they do."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = scrape(port)
+        if check(seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(1)
+
+
+def wait_for(check, timeout_s=60):
+    """The same, on the session cluster's (single) node."""
+    import ray
+
+    return wait_for_port(ray.nodes()[0]["MetricsExportPort"], check, timeout_s)
+
+
+def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
+    cfg, rep, _, _ = succeeded
+    mv = cfg.embed.model_version
+
+    def value(seen, name, **labels):
+        return seen.get((name, frozenset({"model_version": mv, **labels}.items())))
+
+    def ready(seen):
+        return all(value(seen, "ray_lookalike_index_items", category=c) == n for c, n in rep["categories"].items())
+
+    seen = wait_for(ready)
+    assert ready(seen), sorted(k for k in seen if "index_items" in k[0])
+    # Counters add up every run this driver made in the session; this run alone is at least this much.
+    assert value(seen, "ray_lookalike_rows_total", outcome="ok") >= 30
+    assert value(seen, "ray_lookalike_rejects_total", reason="not_found") >= 1
+    assert value(seen, "ray_lookalike_runs_total", status="published") >= 1
+    assert value(seen, "ray_lookalike_index_bytes", category="shoes") > 0
+    assert value(seen, "ray_lookalike_stage_items_per_second", stage="download_embed_store") > 0
+    assert value(seen, "ray_lookalike_stage_seconds", stage="index") >= 0
