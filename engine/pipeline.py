@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, features, index, publish, raycluster, validate
+from engine import catalog, download, features, index, publish, raycluster, validate
 from engine.config import Config
-from engine.download import DownloadStage
 from engine.embed import EmbedStage
 from engine.report import Report
 from engine.storage import Storage
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0
 
 
 class RunFailed(RuntimeError):
@@ -45,16 +45,26 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
-def build_dataset(cfg: Config, run_id: str, device: str):
-    """The streaming plan; nothing runs until it is iterated."""
+def check_reject_ratio(report: dict, ceiling: float) -> None:
+    """Too many rejects means something is wrong upstream (a host down, a bad export): fail the
+    run before anything is indexed or published."""
+    counts = report["counts"]
+    ratio = counts["rejected"] / counts["rows_in"] if counts["rows_in"] else 0.0
+    if ratio > ceiling:
+        top = sorted(report["rejects_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        raise RunFailed(f"{counts['rejected']} of {counts['rows_in']} rows rejected ({ratio:.1%}), above "
+                        f"download.max_reject_ratio={ceiling:g}; nothing published. Top reasons: "
+                        + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
+
+
+def build_dataset(cfg: Config, run_id: str, device: str, throttle=None):
+    """The streaming plan; nothing runs until it is iterated. ``throttle``: the run's
+    download.Throttle actor (the global request rate)."""
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
     ds = catalog.read(cfg.source)
-    ds = ds.map_batches(
-        DownloadStage, fn_constructor_kwargs={"cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size},
-        batch_format="pyarrow", batch_size=cfg.download.batch_size,
-        compute=ActorPoolStrategy(size=cfg.download.actors), num_cpus=cfg.download.cpus_per_actor)
+    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle)
     ds = ds.map_batches(
         EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
@@ -67,9 +77,12 @@ def build_dataset(cfg: Config, run_id: str, device: str):
 
 
 def _consume(ds, report: Report, storage: Storage, run_id: str) -> None:
-    rejects = []
+    rejects, shown = [], time.time()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         report.count_outcomes(batch)
+        if time.time() - shown > PROGRESS_EVERY_S:
+            shown = time.time()
+            log.info("progress: %s; rejects by reason %s", report.data["counts"], report.data["rejects_by_reason"])
         bad = batch.filter(pc.equal(batch.column("status"), "rejected"))
         if bad.num_rows:
             rejects.append(bad.select(["product_id", "image_url", "category", "reason", "detail"]))
@@ -91,9 +104,11 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             device = raycluster.embed_device(cfg.embed.device)
             check_fits(cfg, raycluster.cpus_available())
             report.data["device"] = device
-        with report.stage("download_embed_store"):
-            _consume(build_dataset(cfg, run_id, device), report, storage, run_id)
+        with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
+            _consume(build_dataset(cfg, run_id, device, throttle), report, storage, run_id)
+            report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["ok"])
+        check_reject_ratio(report.data, cfg.download.max_reject_ratio)
         if report.data["counts"]["ok"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         with report.stage("index"):
