@@ -51,6 +51,9 @@ HEADROOM = 0.03          # the schedule runs this much below max_rps: (1 - 0.03)
 LEASE_HORIZON_S = 0.25   # slots are handed out at most this far ahead
 LEASE_CHUNK_S = 0.05     # ... and in chunks worth at least this long, to keep lease calls few
 MAX_COOLDOWN_DOUBLINGS = 3
+# Ray Data tasks (input blocks) running at once on one actor's event loop: a block waiting on
+# its slowest row does not idle the actor.
+CALLS_PER_ACTOR = 4
 
 
 class FetchError(Exception):
@@ -536,8 +539,8 @@ class Fetcher:
 # --- the Ray Data stage -----------------------------------------------------------------------
 
 class DownloadStage:
-    """Ray Data actor (async ``__call__``: Ray Data keeps several batches in flight per actor on
-    one event loop, so one slow row does not idle the actor)."""
+    """Ray Data actor. ``__call__`` is async: Ray Data runs it on one event loop per actor, with
+    several batches (and several blocks, CALLS_PER_ACTOR) in flight, so slow rows overlap."""
 
     def __init__(self, cfg: dict, image_size: int, throttle=None):
         self.cfg = DownloadConfig.model_validate(cfg)
@@ -569,4 +572,5 @@ def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor):
         DownloadStage, fn_constructor_kwargs={"cfg": cfg.model_dump(), "image_size": image_size,
                                               "throttle": throttle_actor},
         batch_format="pyarrow", batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
+        compute=ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
+        num_cpus=cfg.cpus_per_actor)
