@@ -161,9 +161,8 @@ class Throttle:
 
     def stats(self) -> dict:
         out = dict(self.totals)
-        for key in ("throttle_wait_s",):
-            if key in out:
-                out[key] = round(out[key], 3)
+        if "throttle_wait_s" in out:
+            out["throttle_wait_s"] = round(out["throttle_wait_s"], 3)
         return out
 
 
@@ -565,8 +564,13 @@ class DownloadStage:
 
 
 def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor):
-    """Add the download stage to a Ray Dataset: a fixed pool of ``cfg.actors`` actors."""
+    """Add the download stage to a Ray Dataset: a fixed pool of ``cfg.actors`` actors, sharing
+    ``throttle_actor`` (from ``throttle(cfg)``) for the global rate cap and the run's counters."""
     from ray.data import ActorPoolStrategy
+
+    if cfg.max_rps and throttle_actor is None:
+        raise ValueError("download.max_rps is set but no Throttle actor was given: "
+                         "use `with download.throttle(cfg) as t: download.apply(ds, cfg, size, t)`")
 
     return ds.map_batches(
         DownloadStage, fn_constructor_kwargs={"cfg": cfg.model_dump(), "image_size": image_size,
