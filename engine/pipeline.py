@@ -108,9 +108,9 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             _consume(build_dataset(cfg, run_id, device, throttle), report, storage, run_id)
             report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["ok"])
-        check_reject_ratio(report.data, cfg.download.max_reject_ratio)
         if report.data["counts"]["ok"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
+        check_reject_ratio(report.data, cfg.download.max_reject_ratio)
         with report.stage("index"):
             index.build(cfg.storage.root, mv, run_id, run_id, cfg.index)
         report.data["index_version"] = run_id
