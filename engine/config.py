@@ -51,10 +51,37 @@ class DownloadConfig(_Section):
     cpus_per_actor: float = Field(0.25, gt=0)
     concurrency: int = Field(16, ge=1, description="in-flight fetches per actor")
     batch_size: int = Field(64, ge=1)
-    timeout_s: float = Field(15.0, gt=0)
-    retries: int = Field(2, ge=0)
+    decode_threads: int = Field(2, ge=1, description="threads per actor decoding and resizing images")
+    # Politeness: what the image servers see from the whole run.
+    max_rps: Optional[float] = Field(100.0, gt=0, description="requests/s for the whole run, all actors and "
+                                     "hosts together (http(s) and gs); None: no cap")
+    per_host_concurrency: int = Field(8, ge=1, description="in-flight requests per host for the whole run, "
+                                      "split evenly across the actors")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(15.0, gt=0, description="longest silence while waiting for bytes")
+    total_timeout_s: float = Field(60.0, gt=0, description="longest whole request, however it trickles")
+    retries: int = Field(3, ge=0, description="retries of transient failures (timeouts, resets, 5xx, 429)")
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    max_retry_after_s: float = Field(120.0, ge=0, description="a longer Retry-After rejects the row instead")
+    max_redirects: int = Field(5, ge=0)
+    breaker_window: int = Field(20, ge=1, description="recent requests per host the error rate is taken over")
+    breaker_min_requests: int = Field(10, ge=1)
+    breaker_error_ratio: float = Field(0.5, gt=0, le=1)
+    breaker_cooldown_s: float = Field(5.0, gt=0, description="first pause of a failing host; doubles, up to 8x")
+    breaker_give_up_s: float = Field(300.0, gt=0, description="a host failing this long: its rows are rejected")
+    # Validation of what arrives, and of the run as a whole.
     max_bytes: int = Field(20_000_000, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
+    max_reject_ratio: float = Field(0.2, ge=0, le=1, description="above this share of rejected rows the run "
+                                    "fails and publishes nothing")
+
+    @model_validator(mode="after")
+    def _host_share(self):
+        if self.per_host_concurrency < self.actors:
+            raise ValueError(f"download.per_host_concurrency ({self.per_host_concurrency}) must be at least "
+                             f"download.actors ({self.actors}): each actor gets an equal share of it")
+        return self
 
 
 class DetectConfig(_Section):

@@ -2,6 +2,9 @@
 
 The pipeline and the service must turn the same bytes into the same model input, or
 "similar to this photo" would search a different space than the one the index was built in.
+Whatever arrives from the internet is hostile until proven otherwise: only common web formats
+are opened (never EPS, which runs Ghostscript), the pixel count is checked from the header
+before any pixel is decoded, and every failure is an ``ImageRejected`` with a stable reason.
 """
 from __future__ import annotations
 
@@ -10,6 +13,12 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+Image.init()
+# What product photos come as. Anything else (EPS, PSD, FITS, ...) is "not_an_image".
+FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF") if f in Image.OPEN)
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 class ImageRejected(ValueError):
@@ -21,43 +30,69 @@ class ImageRejected(ValueError):
         self.detail = detail
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse bombs before a single pixel is decompressed."""
+    with warnings.catch_warnings():
+        # Our own max_pixels is the limit; Pillow's warning threshold would only duplicate it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    if img.width * img.height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{img.width}x{img.height} > {max_pixels} pixels")
+    return img
+
+
 def decode(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode bytes to an upright RGB image, refusing empty, broken or bomb-sized input."""
+    """Decode bytes to an upright 8-bit RGB image, refusing empty, broken or bomb-sized input."""
     if not data:
         raise ImageRejected("empty_body", "0 bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{img.width}x{img.height} > {max_pixels} pixels")
-            img.load()
+        img = _open(data, max_pixels)
+        img.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("not_an_image" if isinstance(exc, UnidentifiedImageError) else "too_many_pixels",
-                            str(exc)[:200]) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected("decode_error", str(exc)[:200]) from None
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", f"not a {'/'.join(FORMATS)} image; starts with {data[:16]!r}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_many_pixels", str(exc)[:200]) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("decode_error", str(exc)[:200] or type(exc).__name__) from None
+    return to_rgb(upright(img))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored, not rejected."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 -- malformed EXIF comes in many exception types
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode (palette, RGBA, CMYK, 16-bit, grayscale) to 8-bit RGB; transparency on white."""
+    """Any mode (palette, alpha, CMYK, 16-bit, float, 1-bit, grayscale) to 8-bit RGB; transparency on white."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / hi * 255).astype(np.uint8), "L")
-    if img.mode == "P":
+    if img.mode in WIDE_MODES:
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
+    if img.mode in ALPHA_MODES:
+        img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale to 8-bit 'L'. 16-bit data keeps its tones (value / 257);
+    float or 32-bit data outside 0..65535 has no fixed range and is stretched min..max."""
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode != "F" and 0 <= lo and hi <= 65535:
+        out = arr / 257.0
+    else:
+        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
 
 
 def model_input(img: Image.Image, size: int) -> np.ndarray:

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, features, index, metrics, notify, plan, publish, raycluster, validate
+from engine import catalog, download, features, index, metrics, notify, plan, publish, raycluster, validate
 from engine.config import Config
-from engine.download import DownloadStage
 from engine.embed import EmbedStage
 from engine.report import Report
 from engine.storage import Storage
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0
 
 
 class RunFailed(RuntimeError):
@@ -46,9 +46,23 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
-def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table):
-    """The streaming plan; nothing runs until it is iterated."""
+def check_reject_ratio(report: dict, ceiling: float) -> None:
+    """Too many rejects means something is wrong upstream (a host down, a bad export): fail the
+    run before anything is indexed or published."""
+    counts = report["counts"]
+    ratio = counts["rejected"] / counts["rows_in"] if counts["rows_in"] else 0.0
+    if ratio > ceiling:
+        top = sorted(report["rejects_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        raise RunFailed(f"{counts['rejected']} of {counts['rows_in']} rows rejected ({ratio:.1%}), above "
+                        f"download.max_reject_ratio={ceiling:g}; nothing published. Top reasons: "
+                        + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
+
+
+def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table, throttle=None):
+    """The streaming plan; nothing runs until it is iterated. ``known``: stored features the plan
+    may reuse; ``throttle``: the run's download.Throttle actor (the global request rate)."""
     import ray
+
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
@@ -60,11 +74,7 @@ def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table):
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
     ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
-    ds = ds.map_batches(
-        plan.SkipReused, fn_constructor_kwargs={"stage": DownloadStage, "stage_kwargs": {
-            "cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size}},
-        batch_format="pyarrow", batch_size=cfg.download.batch_size,
-        compute=ActorPoolStrategy(size=cfg.download.actors), num_cpus=cfg.download.cpus_per_actor)
+    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle)
     ds = ds.map_batches(
         EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
@@ -83,7 +93,7 @@ def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
     """Count outcomes, write rejects.parquet, and return the manifest rows of this run's products."""
     counts = report.data["counts"]
     counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0)
-    reasons, rejects, entries = collections.Counter(), [], {}
+    reasons, rejects, entries, shown = collections.Counter(), [], {}, time.time()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             counts["rows_in"] += 1
@@ -106,6 +116,9 @@ def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
                             "source_run": run_id if status == "ok" else row["source_run"]}
         report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
         report.progress()
+        if time.time() - shown > PROGRESS_EVERY_S:
+            shown = time.time()
+            log.info("progress: %s; rejects by reason %s", counts, report.data["rejects_by_reason"])
     schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
     storage.makedirs("runs", run_id)
     pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
@@ -151,14 +164,16 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             known = pa.table({c: pa.array([], pa.string()) for c in plan.STATE_COLUMNS}) if cfg.plan.full \
                 else plan.known_features(storage, mv, run_id)
             report.data["known_features"] = known.num_rows
-        with report.stage("download_embed_store"):
-            manifest = _consume(build_dataset(cfg, run_id, device, known), report, storage, run_id)
+        with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
+            manifest = _consume(build_dataset(cfg, run_id, device, known, throttle), report, storage, run_id)
+            report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]
         counts["removed"] = _removed(storage, mv, manifest)
         counts["indexed"] = manifest.num_rows
         if manifest.num_rows == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
+        check_reject_ratio(report.data, cfg.download.max_reject_ratio)
         if not cfg.plan.publish_unchanged and _unchanged(counts):
             report.data["index_version"] = publish.latest(storage, mv)
             report.finish("unchanged")

@@ -91,31 +91,3 @@ class PlanStage:
         for field, values in zip(PLAN_FIELDS, (keys, actions, sources)):
             batch = batch.append_column(field, pa.array(values, field.type))
         return batch
-
-
-class SkipReused:
-    """Runs a pipeline stage on the rows that need work; ``reuse`` rows pass by untouched.
-
-    Wrapping keeps the download and embed stages ignorant of planning. Reused rows leave with
-    status ``reused`` and nulls in whatever other columns the stage adds.
-    """
-
-    def __init__(self, stage, stage_kwargs: dict):
-        self.stage = stage(**stage_kwargs)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        reuse = pc.equal(batch.column("action"), REUSE)
-        todo = batch.filter(pc.invert(reuse))
-        if todo.num_rows == batch.num_rows:
-            return self.stage(batch)
-        kept = batch.filter(reuse)
-        done = self.stage(todo)  # even when empty: its output schema is what the next stage expects
-        if "status" not in kept.column_names:
-            kept = kept.append_column("status", pa.array(["reused"] * kept.num_rows, pa.string()))
-        for field in done.schema:
-            if field.name not in kept.column_names:
-                kept = kept.append_column(field, pa.nulls(kept.num_rows, field.type))
-        for field in kept.schema:
-            if field.name not in done.column_names:
-                done = done.append_column(field, pa.nulls(done.num_rows, field.type))
-        return pa.concat_tables([done, kept.select(done.column_names).cast(done.schema)])

@@ -59,3 +59,23 @@ def test_exif_orientation_is_applied():
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif)
     assert imaging.decode(buf.getvalue()).size == (30, 60)
+
+
+def test_16_bit_grayscale_keeps_its_tones():
+    img = Image.fromarray(np.full((10, 10), 257 * 40, dtype=np.uint16))
+    assert imaging.decode(png(img)).getpixel((5, 5)) == (40, 40, 40)
+
+
+def test_float_image_is_stretched_to_8_bit():
+    arr = np.linspace(-1.0, 3.0, 100, dtype=np.float32).reshape(10, 10)
+    out = np.asarray(imaging.to_rgb(Image.fromarray(arr, "F")))
+    assert out.shape == (10, 10, 3) and out.min() == 0 and out.max() == 255
+
+
+def test_broken_exif_leaves_the_image_as_stored():
+    img = Image.new("RGB", (60, 30), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 99  # not an orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    assert imaging.decode(buf.getvalue()).size == (60, 30)
