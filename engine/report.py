@@ -68,7 +68,8 @@ class Report:
     def rate(self, stage: str, items: int) -> None:
         s = self.data["stages"][stage]
         s["items"] = items
-        s["items_per_s"] = round(items / s["seconds"], 2) if s["seconds"] else None
+        # No work done is no throughput: a run that only reused features must not read as 0/s on the dashboard.
+        s["items_per_s"] = round(items / s["seconds"], 2) if s["seconds"] and items else None
 
     def count_outcomes(self, batch: pa.Table) -> None:
         counts = self.data["counts"]
