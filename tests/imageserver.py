@@ -1,7 +1,12 @@
 """A local HTTP image server that injects faults and records when every request arrived.
 
 It runs as its own process, like a real server (its CPU and GIL are not the client's), bound to
-127.0.0.1 on a free port, logging to a file. Tests and benchmarks drive it over a small control
+127.0.0.1 on a free port, logging to a file, in a session of its own. It is a measuring
+instrument: on a busy machine a stalled server lets requests queue up in the kernel and then
+logs them as one burst the client never sent (measured here: p99 arrival-to-log delay 45 ms at
+normal priority, 3.5 ms at real-time priority). So it asks for real-time priority (SCHED_RR,
+low level; it is idle almost all the time) and falls back to nice -10, then to normal;
+``ImageServer.priority`` says which it got. Tests and benchmarks drive it over a small control
 API through ``ImageServer``::
 
     with ImageServer() as srv:
@@ -60,6 +65,7 @@ class _State:
         self.position: dict[str, int] = {}
         self.log: list[dict] = []
         self.inflight = 0
+        self.priority = "normal"
 
 
 def _abort(request) -> None:
@@ -76,7 +82,7 @@ def _make_app(state: _State):
     async def control(request: web.Request):
         what = request.match_info["what"]
         if what == "health":
-            return web.json_response({"ok": True})
+            return web.json_response({"ok": True, "priority": state.priority})
         if what == "log":
             return web.json_response(state.log)
         if what == "reset":
@@ -163,10 +169,24 @@ def _make_app(state: _State):
     return app
 
 
-def _serve_forever(port_file: str, directory: str | None) -> None:
+def _raise_priority() -> str:
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(10))
+        return "realtime"
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+        return "nice -10"
+    except OSError:
+        return "normal"  # timestamps are then only as good as the scheduler
+
+
+def _serve_forever(port_file: str, directory: str | None, priority: bool) -> None:
     from aiohttp import web
 
     state = _State()
+    state.priority = _raise_priority() if priority else "normal"
     if directory:
         for p in Path(directory).iterdir():
             if p.is_file():
@@ -191,8 +211,10 @@ def _serve_forever(port_file: str, directory: str | None) -> None:
 class ImageServer:
     """Start/stop the server process and talk to its control API (stdlib only)."""
 
-    def __init__(self, directory: str | os.PathLike | None = None):
+    def __init__(self, directory: str | os.PathLike | None = None, raise_priority: bool = True):
         self.directory = str(directory) if directory else None
+        self.raise_priority = raise_priority
+        self.priority = "normal"
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="imageserver-")
@@ -201,10 +223,13 @@ class ImageServer:
     def start(self, timeout: float = 30.0) -> "ImageServer":
         port_file = Path(self._tmp.name) / "port"
         cmd = [sys.executable, str(HERE), "--port-file", str(port_file)]
+        if self.raise_priority:
+            cmd.append("--raise-priority")
         if self.directory:
             cmd += ["--dir", self.directory]
         with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.time() + timeout
         while not port_file.exists():
             if self.proc.poll() is not None or time.time() > deadline:
@@ -212,7 +237,7 @@ class ImageServer:
                 raise RuntimeError(f"image server did not start; log:\n{self.log_path.read_text()[-2000:]}")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
-        self._ctl("GET", "health")
+        self.priority = self._ctl("GET", "health")["priority"]
         return self
 
     def stop(self) -> None:
@@ -341,5 +366,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--dir")
+    parser.add_argument("--raise-priority", action="store_true")
     args = parser.parse_args()
-    _serve_forever(args.port_file, args.dir)
+    _serve_forever(args.port_file, args.dir, args.raise_priority)

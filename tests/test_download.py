@@ -283,26 +283,31 @@ def test_circuit_breaker_stops_hammering_a_dead_host(server):
     assert len(server.requests()) < 40  # 60 rows x 3 attempts without a breaker
 
 
-def test_circuit_breaker_waits_out_an_outage_and_loses_nothing(server):
-    server.reset()
-    for i in range(30):
-        server.route(f"/outage/{i}", {"status": 503, "until": time.time() + 1.0}, {"body": "photo.jpg"})
-    cfg = DownloadConfig(**{**FAST, "retries": 1, "breaker_min_requests": 4, "breaker_window": 8,
-                            "breaker_cooldown_s": 0.4, "breaker_give_up_s": 30, "per_host_concurrency": 4})
+def outage(server, name: str, cfg: DownloadConfig, rows: int = 30) -> tuple[list, dict]:
+    """``rows`` rows to a host that answers 503 for the next second, then recovers."""
+    for i in range(rows):
+        server.route(f"/{name}/{i}", {"status": 503, "until": time.time() + 1.0}, {"body": "photo.jpg"})
 
     async def main():
         f = Fetcher(cfg, None, SIZE)
         try:
-            return await asyncio.gather(*(f.process({"product_id": str(i), "category": "tops",
-                                                     "image_url": server.url(f"/outage/{i}")}) for i in range(30))), \
-                f.take_counts()
+            out = await asyncio.gather(*(f.process({"product_id": str(i), "category": "tops",
+                                                    "image_url": server.url(f"/{name}/{i}")}) for i in range(rows)))
+            return out, f.take_counts()
         finally:
             await f.close()
 
-    out, counts = asyncio.run(main())
-    # With one retry and no breaker, every row fetched during the outage would have been rejected.
-    assert [r[0] for r in out] == ["ok"] * 30
-    assert counts["breaker_opened"] >= 1
+    return asyncio.run(main())
+
+
+def test_circuit_breaker_waits_out_an_outage_and_loses_nothing(server):
+    base = {**FAST, "retries": 2, "backoff_base_s": 0.2, "breaker_window": 8, "breaker_cooldown_s": 0.4,
+            "breaker_give_up_s": 30, "per_host_concurrency": 4}
+    out, counts = outage(server, "outage", DownloadConfig(**{**base, "breaker_min_requests": 4}))
+    assert [r[0] for r in out] == ["ok"] * 30 and counts["breaker_opened"] >= 1
+    # The same outage without a breaker: rows whose three attempts all fall inside it are lost.
+    out, counts = outage(server, "outage-no-breaker", DownloadConfig(**base))  # FAST: breaker off
+    assert {r[1] for r in out if r[0] == "rejected"} == {"http_503"} and "breaker_opened" not in counts
 
 
 def test_parse_retry_after_and_backoff():
