@@ -52,8 +52,9 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class DownloadStage:
-    def __init__(self, cfg: dict, image_size: int):
+    def __init__(self, cfg: dict, image_size: int, storage_options: dict | None = None):
         self.cfg = DownloadConfig.model_validate(cfg)
+        self.storage_options = storage_options  # GCS endpoint/credentials for gs:// image URLs
         self.size = image_size
         self.loop = asyncio.new_event_loop()
         self.session = None
@@ -96,10 +97,10 @@ class DownloadStage:
             raise FetchError("connection_error", f"{type(exc).__name__}: {exc}"[:200], transient=True) from None
 
     def _read_file(self, url: str) -> bytes:
-        import fsspec
+        from engine.storage import fs_for
 
         try:
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = fs_for(url, self.storage_options)
             size = fs.size(path)
             if size is not None and size > self.cfg.max_bytes:
                 raise FetchError("too_large", f"{size} bytes > {self.cfg.max_bytes}")

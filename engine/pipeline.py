@@ -45,23 +45,25 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
-def build_dataset(cfg: Config, run_id: str, device: str):
+def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage):
     """The streaming plan; nothing runs until it is iterated."""
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
-    ds = catalog.read(cfg.source)
+    gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
+    ds = catalog.read(cfg.source, storage_options=gcs)
     ds = ds.map_batches(
-        DownloadStage, fn_constructor_kwargs={"cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size},
+        DownloadStage, fn_constructor_kwargs={"cfg": cfg.download.model_dump(), "image_size": cfg.embed.image_size,
+                                              "storage_options": gcs},
         batch_format="pyarrow", batch_size=cfg.download.batch_size,
         compute=ActorPoolStrategy(size=cfg.download.actors), num_cpus=cfg.download.cpus_per_actor)
     ds = ds.map_batches(
-        EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device},
+        EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device, "storage_options": gcs},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
         compute=ActorPoolStrategy(size=cfg.embed.actors),
         num_cpus=cfg.embed.cpus_per_actor, num_gpus=cfg.embed.gpus_per_actor if gpu else 0)
     return ds.map_batches(
-        features.write_batch, fn_kwargs={"root": cfg.storage.root, "model_version": cfg.embed.model_version,
+        features.write_batch, fn_kwargs={"root": storage, "model_version": cfg.embed.model_version,
                                          "run_id": run_id},
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
@@ -82,7 +84,7 @@ def _consume(ds, report: Report, storage: Storage, run_id: str) -> None:
 def run(cfg: Config, run_id: str | None = None) -> dict:
     """Run once; returns the report, or raises RunFailed (the report is written either way)."""
     run_id = run_id or new_run_id()
-    storage = Storage(cfg.storage.root)
+    storage = Storage.from_config(cfg.storage)
     mv = cfg.embed.model_version
     report = Report(run_id, mv, storage)
     try:
@@ -91,13 +93,14 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             device = raycluster.embed_device(cfg.embed.device)
             check_fits(cfg, raycluster.cpus_available())
             report.data["device"] = device
+            base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
         with report.stage("download_embed_store"):
-            _consume(build_dataset(cfg, run_id, device), report, storage, run_id)
+            _consume(build_dataset(cfg, run_id, device, storage), report, storage, run_id)
         report.rate("download_embed_store", report.data["counts"]["ok"])
         if report.data["counts"]["ok"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         with report.stage("index"):
-            index.build(cfg.storage.root, mv, run_id, run_id, cfg.index)
+            index.build(storage, mv, run_id, run_id, cfg.index)
         report.data["index_version"] = run_id
         with report.stage("validate"):
             expected = report.data["categories"]
@@ -107,11 +110,11 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]),
                             report.data)
         with report.stage("publish"):
-            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions)
+            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
         report.data["index_uri"] = storage.uri(*index.version_prefix(mv, run_id))
         report.finish("published")
         return report.data
-    except RunFailed as exc:
+    except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
         report.finish("failed", error=str(exc))
         raise RunFailed(str(exc), report.data) from None
     except Exception as exc:
