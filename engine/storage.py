@@ -45,7 +45,21 @@ def is_gcs(uri: str) -> bool:
 
 def fs_for(uri: str, storage_options: dict | None = None):
     """(filesystem, path) for any URI; GCS options apply only to gs:// URIs."""
-    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if is_gcs(uri) else {}))
+    if not is_gcs(uri):
+        return fsspec.core.url_to_fs(uri)
+    cls = _gcs_class()
+    return cls(**cls._get_kwargs_from_urls(uri), **(storage_options or {})), cls._strip_protocol(uri)
+
+
+def _gcs_class():
+    """gcsfs's core filesystem, even in a Ray worker that imported gcsfs before this module: with the
+    variable unset at its import, gcsfs swaps in the experimental class that stalls off Google's network."""
+    import gcsfs
+    from gcsfs.core import GCSFileSystem
+
+    if os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "").lower() in ("true", "1"):
+        return gcsfs.GCSFileSystem
+    return GCSFileSystem
 
 
 def open_uri(uri: str, mode: str = "rb", storage_options: dict | None = None):

@@ -64,7 +64,9 @@ def install_bqemulator(log=sys.stderr) -> Path:
 
         try:
             if not python.exists():
-                base = shutil.which("python3.11") or sys.executable
+                base = sys.executable if sys.version_info[:2] == (3, 11) else shutil.which("python3.11")
+                if not base:
+                    raise RuntimeError("bqemulator needs Python 3.11 (python3.11 not found)")
                 run(base, "-m", "venv", str(BQ_VENV))
             run(str(python), "-m", "pip", "install", "--disable-pip-version-check", *BQ_PINS)
             bq_home().mkdir(parents=True, exist_ok=True)

@@ -124,3 +124,19 @@ def test_cli_run_with_bad_sql_fails_once_with_a_clear_message(ray_cluster, bq, t
     failed = [line for line in result.stderr.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and "source.query: BigQuery rejected the query" in failed[0], result.stderr[-2000:]
     assert jobs(bq) == before + 1  # one job: no retry storm
+
+
+def test_prod_example_config_loads_and_names_table_and_bucket():
+    cfg = config.load(config.DEFAULT_CONFIG.parent / "prod.example.yaml")
+    assert cfg.source.kind == "bigquery" and cfg.source.table == "my-gcp-project.catalog.products"
+    assert cfg.storage.root == "gs://my-lookalike-bucket/prod" and cfg.source.columns["image_url"] == "main_image_url"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["source.table=a.b", "source.query=SELECT 1"], "exactly one of source.table and source.query"),
+    (["source.project=null", "source.table=a.b"], "source.project is required"),
+    (["source.query=SELECT 1", "source.row_restriction=x > 1"], "put the filter in source.query"),
+])
+def test_bigquery_config_mistakes_are_named(overrides, words):
+    with pytest.raises(config.ConfigError, match=words):
+        config.load(None, ["source.kind=bigquery", "source.project=p", *overrides])

@@ -119,3 +119,35 @@ def test_model_weights_from_gcs_match_the_packaged_file(gcs_emulator, bucket):
     local = load_state_dict(None)
     assert remote.keys() == local.keys()
     assert all(torch.equal(remote[k], local[k]) for k in local)
+
+
+def test_catalog_file_and_images_on_gcs_are_read_with_the_configured_endpoint(ray_cluster, gcs_emulator, bucket,
+                                                                             tmp_path):
+    """A gs:// catalog read by Ray Data tasks, and gs:// image URLs fetched by the download stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine import catalog, config, sample
+    from engine.config import DownloadConfig
+    from engine.download import DownloadStage
+
+    local = pq.read_table(sample.make_catalog(tmp_path, 6, seed=5)).to_pylist()
+    s = Storage(f"{bucket}/cat", gcs_emulator.options())
+    rows = []
+    for r in local:
+        name = r["image_url"].rsplit("/", 1)[1]
+        s.put_file(r["image_url"][len("file://"):], "images", name)
+        rows.append({**r, "image_url": s.uri("images", name)})
+    rows.append({**rows[0], "product_id": "gone", "image_url": s.uri("images", "missing.png")})
+    with s.fs.open(s.path("catalog.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+
+    cfg = config.load(None, [f"source.path={s.uri('catalog.parquet')}", *gcs_emulator.overrides()])
+    from engine.storage import gcs_options
+
+    read = catalog.read(cfg.source, storage_options=gcs_options(cfg.storage)).take_all()
+    assert sorted(r["product_id"] for r in read) == sorted(r["product_id"] for r in rows)
+
+    stage = DownloadStage(DownloadConfig().model_dump(), 64, gcs_options(cfg.storage))
+    out = stage(pa.Table.from_pylist(rows)).to_pylist()
+    assert [r["status"] for r in out] == ["ok"] * 6 + ["rejected"] and out[-1]["reason"] == "not_found"
