@@ -15,6 +15,7 @@ endpoints, and reads each stream whole into one block. Here:
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import pyarrow as pa
+from google.auth.exceptions import GoogleAuthError
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -87,13 +89,13 @@ class Endpoints:
         return BigQueryReadClient(credentials=self.google_credentials(), client_options=opts)
 
 
-def table_ref(name: str, project: str) -> tuple[str, str, str]:
+def table_ref(name: str, project: str, key: str = "source.table") -> tuple[str, str, str]:
     """``[project.]dataset.table`` (backquotes allowed) -> (project, dataset, table)."""
     parts = name.strip().strip("`").split(".")
     if len(parts) == 2:
         parts = [project] + parts
     if len(parts) != 3 or not all(parts):
-        raise CatalogError(f"{name!r}: expected [project.]dataset.table")
+        raise CatalogError(f"{key} {name!r}: expected [project.]dataset.table")
     return parts[0], parts[1], parts[2]
 
 
@@ -107,7 +109,7 @@ def describe(exc: Exception) -> str:
         status = getattr(exc.code, "name", None) or str(exc.code)
         reason = f" ({first['reason']})" if first.get("reason") else ""
         text = f"{status}{reason}: {first.get('message') or exc.message}"
-        if isinstance(exc, gexc.Forbidden) or getattr(exc, "grpc_status_code", None) == 7:
+        if isinstance(exc, gexc.Forbidden):  # also PermissionDenied, its gRPC form
             text += " (check that the credentials have BigQuery Data Viewer, Read Session User and Job User)"
     elif isinstance(exc, gexc.RetryError):
         cause = exc.cause or exc
@@ -130,6 +132,11 @@ def _query_parameter(name: str, value):
 
 
 def _scalar_type(value) -> str:
+    """BigQuery type of a YAML value (YAML reads 2026-11-01 as a date)."""
+    if isinstance(value, datetime.datetime):
+        return "TIMESTAMP"
+    if isinstance(value, datetime.date):
+        return "DATE"
     if isinstance(value, bool):
         return "BOOL"
     if isinstance(value, int):
@@ -153,7 +160,11 @@ def resolve(cfg: SourceConfig, required: list[str]) -> Plan:
     from google.api_core import exceptions as gexc
 
     ep = Endpoints.from_config(cfg)
-    client = ep.bq_client()
+    try:
+        client = ep.bq_client()
+    except (OSError, ValueError, GoogleAuthError) as exc:
+        what = "no Application Default Credentials" if cfg.credentials is None else "cannot use them"
+        raise CatalogError(f"source.credentials: {what}: {describe(exc)}") from None
     if cfg.query:
         key = "source.query"
         try:
@@ -190,7 +201,7 @@ def _run_query(cfg: SourceConfig, client, ep: Endpoints) -> tuple[str, str, str]
     job_config = bigquery.QueryJobConfig(query_parameters=params)
     sql = cfg.query
     if cfg.query_destination:
-        dest = table_ref(cfg.query_destination, cfg.project)
+        dest = table_ref(cfg.query_destination, cfg.project, "source.query_destination")
         sql = f"CREATE OR REPLACE TABLE `{'.'.join(dest)}` AS\n{cfg.query}"
     job = client.query(sql, job_config=job_config, retry=ep.retry(), job_retry=None)
     job.result(retry=ep.retry())
