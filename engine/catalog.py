@@ -1,7 +1,8 @@
 """Catalog sources -> a Ray Dataset of Arrow batches with at least product_id, image_url, category.
 
 Row-level problems (a null id, an empty URL) are not errors here: they travel on and become
-reject rows with a reason. Only a source that cannot be read at all is an error.
+reject rows with a reason. Only a source that cannot be read at all is an error, raised on
+the driver before any task runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ READ_CPUS = 0.25
 
 
 class CatalogError(RuntimeError):
-    """The catalog cannot be read as a whole (missing file, missing column)."""
+    """The catalog cannot be read as a whole (missing file or table, bad query, missing column)."""
 
 
 def _format(cfg: SourceConfig) -> str:
@@ -28,13 +29,30 @@ def _format(cfg: SourceConfig) -> str:
     return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(ext, "parquet")
 
 
-def read(cfg: SourceConfig, parallelism: int = -1):
-    """The catalog as a Ray Dataset (streamed; nothing is collected on the driver)."""
-    if cfg.kind == "bigquery":
-        raise CatalogError("source.kind 'bigquery' is not available in this build")
+def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None):
+    """The catalog as a Ray Dataset (streamed; nothing is collected on the driver).
+
+    ``storage_options``: GCS settings for a gs:// ``source.path`` (engine.storage.gcs_options).
+    """
+    ds = _read_bigquery(cfg) if cfg.kind == "bigquery" else _read_files(cfg, parallelism, storage_options)
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    return ds
+
+
+def _read_bigquery(cfg: SourceConfig):
     import ray.data
 
-    storage = Storage(os.path.dirname(cfg.path.rstrip("/")) or ".")
+    from engine.bigquery import BigQueryStorageDatasource
+
+    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(cfg.required_columns)),
+                                    num_cpus=READ_CPUS)
+
+
+def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None):
+    import ray.data
+
+    storage = Storage(os.path.dirname(cfg.path.rstrip("/")) or ".", storage_options)
     fs, path = storage.fs, storage.path(os.path.basename(cfg.path.rstrip("/")))
     if not fs.exists(path):
         raise CatalogError(f"source.path {cfg.path!r}: no such file or directory")
@@ -46,17 +64,18 @@ def read(cfg: SourceConfig, parallelism: int = -1):
     elif fmt == "csv":
         import pyarrow.csv as pcsv
 
-        opts = pcsv.ConvertOptions(column_types={"product_id": pa.string()})
-        ds = ray.data.read_csv(path, convert_options=opts, **kw)
+        id_col = cfg.columns.get("product_id", "product_id")
+        ds = ray.data.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={id_col: pa.string()}), **kw)
     else:
         ds = ray.data.read_json(path, lines=True, **kw)
-    missing = [c for c in cfg.required_columns if c not in ds.schema().names]
+    names = ds.schema().names
+    wanted = {cfg.columns.get(f, f): f for f in cfg.required_columns}
+    missing = [c for c in wanted if c not in names]
     if missing:
         raise CatalogError(f"source.path {cfg.path!r}: catalog lacks required column(s) {missing}; "
-                           f"it has {ds.schema().names}")
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    return ds
+                           f"it has {names}" + ("; map fields to columns with source.columns" if cfg.columns else ""))
+    rename = {c: f for c, f in wanted.items() if c != f}
+    return ds.rename_columns(rename) if rename else ds
 
 
 def normalise(batch: pa.Table) -> pa.Table:

@@ -83,7 +83,9 @@ def cmd_validate(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     try:
-        result = validate.validate_uri(args.uri, cfg.index.validate_)
+        from engine.storage import gcs_options
+
+        result = validate.validate_uri(args.uri, cfg.index.validate_, gcs_options(cfg.storage))
     except ValueError as exc:
         print(f"lookalike validate: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -38,11 +38,35 @@ class SourceConfig(_Section):
     format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
     required_columns: list[str] = ["product_id", "image_url", "category"]
     limit: Optional[int] = Field(None, ge=1)
+    columns: dict[str, str] = Field(default_factory=dict, description="catalog field -> source column name")
+    # BigQuery (kind: bigquery): engine/bigquery.py
+    project: Optional[str] = Field(None, description="project that runs the query and the read sessions")
+    table: Optional[str] = Field(None, description="[project.]dataset.table to read")
+    query: Optional[str] = None
+    query_parameters: dict[str, Any] = Field(default_factory=dict, description="@name -> value")
+    query_destination: Optional[str] = Field(None, description="[project.]dataset.table the query result replaces; "
+                                                               "None: the query job's temporary table")
+    extra_columns: list[str] = Field(default_factory=list, description="more columns to carry through")
+    row_restriction: Optional[str] = Field(None, description="SQL filter pushed down to the Storage Read API")
+    max_streams: int = Field(4, ge=1, le=1000, description="read streams asked for = parallel read tasks")
+    credentials: Optional[str] = Field(None, description="None: Application Default Credentials; 'anonymous'; "
+                                                         "or a service-account JSON file")
+    api_endpoint: Optional[str] = Field(None, description="BigQuery REST endpoint; None: Google's")
+    read_endpoint: Optional[str] = Field(None, description="Storage Read gRPC endpoint; http://host:port is "
+                                                           "plain text (emulators); None: Google's")
+    timeout_s: float = Field(60.0, gt=0, description="how long one API call may retry before the run fails")
 
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.kind == "files" and not self.path:
             raise ValueError("source.path is required when source.kind is 'files'")
+        if self.kind == "bigquery":
+            if not self.project:
+                raise ValueError("source.project is required when source.kind is 'bigquery'")
+            if bool(self.table) == bool(self.query):
+                raise ValueError("source.kind 'bigquery' needs exactly one of source.table and source.query")
+            if self.row_restriction and self.query:
+                raise ValueError("source.row_restriction applies to source.table; put the filter in source.query")
         return self
 
 
@@ -119,6 +143,10 @@ class StorageConfig(_Section):
     root: str = ".lookalike"
     keep_versions: int = Field(5, ge=1)
     feature_batch_rows: int = Field(2048, ge=1, description="rows per feature shard write")
+    gcs_endpoint: Optional[str] = Field(None, description="GCS JSON API endpoint; None: Google's")
+    gcs_token: Optional[str] = Field(None, description="None: Application Default Credentials; 'anon'; "
+                                                       "or a service-account JSON file")
+    gcs_project: Optional[str] = None
 
 
 class ServeConfig(_Section):

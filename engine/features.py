@@ -27,7 +27,7 @@ def run_prefix(model_version: str, run_id: str) -> tuple[str, ...]:
 
 def write_batch(batch: pa.Table, root: str, model_version: str, run_id: str) -> pa.Table:
     """Ray Data task: write the batch's ok rows, one shard per category; return every row's outcome."""
-    storage = Storage(root)
+    storage = Storage.of(root)
     prefix = run_prefix(model_version, run_id)
     ok = batch.filter(pc.equal(batch.column("status"), "ok"))
     ok = ok.drop_columns([c for c in ("status", "reason", "detail", "action", "source_run") if c in ok.column_names])
@@ -40,6 +40,9 @@ def _write(storage: Storage, prefix: tuple, category: str, table: pa.Table) -> N
     name = f"part-{uuid.uuid4().hex}.parquet"
     storage.makedirs(*prefix, f"category={category}")
     folder = storage.path(*prefix, f"category={category}")
+    if not storage.is_local:  # an object appears whole when its upload completes
+        pq.write_table(table, f"{folder}/{name}", filesystem=storage.fs)
+        return
     tmp = f"{folder}/.{name}.tmp"
     pq.write_table(table, tmp, filesystem=storage.fs)
     storage.fs.mv(tmp, f"{folder}/{name}")

@@ -52,7 +52,7 @@ def build_category(root: str, model_version: str, run_id: str, index_version: st
     from annoy import AnnoyIndex
 
     t0 = time.time()
-    storage = Storage(root)
+    storage = Storage.of(root)
     table = features.read_category(storage, model_version, run_id, category)
     vecs = features.vectors(table)
     ids = table.column("product_id").cast(pa.string())
@@ -78,7 +78,7 @@ def build(root: str, model_version: str, run_id: str, index_version: str, cfg: I
     """Build every category in parallel (one Ray task each) and write the version manifest."""
     import ray
 
-    storage = Storage(root)
+    storage = Storage.of(root)
     params = {"metric": cfg.metric, "n_trees": cfg.n_trees, "search_k": cfg.search_k}
     task = ray.remote(num_cpus=1)(build_category)
     cats = features.categories(storage, model_version, run_id)

@@ -47,7 +47,7 @@ class _Metrics:
 class RunMetrics(_Metrics):
     """A Report observer (engine.report): metrics for one pipeline run."""
 
-    def __init__(self, root: str):
+    def __init__(self, root):
         super().__init__()
         self.root = root
         self.seen: dict[tuple[str, str], int] = {}
@@ -127,12 +127,12 @@ class RunMetrics(_Metrics):
                 m["bytes"].set(size, tags={**tags, "category": category})
 
 
-def index_sizes(root: str, model_version: str, index_version: str) -> dict[str, tuple[int, int]]:
+def index_sizes(root, model_version: str, index_version: str) -> dict[str, tuple[int, int]]:
     """category -> (items, bytes of .ann files), from the version's manifest."""
     from engine import index
     from engine.storage import Storage
 
-    manifest = Storage(root).read_json(*index.version_prefix(model_version, index_version), index.MANIFEST)
+    manifest = Storage.of(root).read_json(*index.version_prefix(model_version, index_version), index.MANIFEST)
     out = {}
     for category, entry in manifest["categories"].items():
         shards = entry.get("shards", [])

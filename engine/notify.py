@@ -241,7 +241,7 @@ class RunNotifier:
         from engine.storage import Storage
 
         try:
-            storage = Storage(self.cfg.storage.root)
+            storage = Storage.from_config(self.cfg.storage)
             version = publish.latest(storage, model_version)
             if version is None:
                 return None

@@ -46,19 +46,7 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
-def check_reject_ratio(report: dict, ceiling: float) -> None:
-    """Too many rejects means something is wrong upstream (a host down, a bad export): fail the
-    run before anything is indexed or published."""
-    counts = report["counts"]
-    ratio = counts["rejected"] / counts["rows_in"] if counts["rows_in"] else 0.0
-    if ratio > ceiling:
-        top = sorted(report["rejects_by_reason"].items(), key=lambda kv: -kv[1])[:3]
-        raise RunFailed(f"{counts['rejected']} of {counts['rows_in']} rows rejected ({ratio:.1%}), above "
-                        f"download.max_reject_ratio={ceiling:g}; nothing published. Top reasons: "
-                        + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
-
-
-def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table, throttle=None):
+def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known: pa.Table, throttle=None):
     """The streaming plan; nothing runs until it is iterated. ``known``: stored features the plan
     may reuse; ``throttle``: the run's download.Throttle actor (the global request rate)."""
     import ray
@@ -66,7 +54,8 @@ def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table, thrott
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
-    ds = catalog.read(cfg.source)
+    gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
+    ds = catalog.read(cfg.source, storage_options=gcs)
     ds = ds.map_batches(
         plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "full": cfg.plan.full},
         batch_format="pyarrow", batch_size=cfg.download.batch_size * 4,
@@ -74,14 +63,14 @@ def build_dataset(cfg: Config, run_id: str, device: str, known: pa.Table, thrott
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
     ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
-    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle)
+    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle, storage_options=gcs)
     ds = ds.map_batches(
-        EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device},
+        EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device, "storage_options": gcs},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
         compute=ActorPoolStrategy(size=cfg.embed.actors),
         num_cpus=cfg.embed.cpus_per_actor, num_gpus=cfg.embed.gpus_per_actor if gpu else 0)
     return ds.map_batches(
-        features.write_batch, fn_kwargs={"root": cfg.storage.root, "model_version": cfg.embed.model_version,
+        features.write_batch, fn_kwargs={"root": storage, "model_version": cfg.embed.model_version,
                                          "run_id": run_id},
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
@@ -150,22 +139,23 @@ def _unchanged(counts: dict) -> bool:
 def run(cfg: Config, run_id: str | None = None) -> dict:
     """Run once; returns the report, or raises RunFailed (the report is written either way)."""
     run_id = run_id or new_run_id()
-    storage = Storage(cfg.storage.root)
+    storage = Storage.from_config(cfg.storage)
     mv = cfg.embed.model_version
     report = Report(run_id, mv, storage)
-    report.observe(metrics.RunMetrics(cfg.storage.root), notify.RunNotifier(cfg))  # dashboard + Slack
+    report.observe(metrics.RunMetrics(storage), notify.RunNotifier(cfg))  # dashboard + Slack
     try:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)
             device = raycluster.embed_device(cfg.embed.device)
             check_fits(cfg, raycluster.cpus_available())
             report.data["device"] = device
+            base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
         with report.stage("plan"):
             known = pa.table({c: pa.array([], pa.string()) for c in plan.STATE_COLUMNS}) if cfg.plan.full \
                 else plan.known_features(storage, mv, run_id)
             report.data["known_features"] = known.num_rows
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
-            manifest = _consume(build_dataset(cfg, run_id, device, known, throttle), report, storage, run_id)
+            manifest = _consume(build_dataset(cfg, run_id, device, storage, known, throttle), report, storage, run_id)
             report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["processed"])
         counts = report.data["counts"]
@@ -180,7 +170,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             return report.data
         features.write_manifest(storage, mv, run_id, manifest)
         with report.stage("index"):
-            index.build(cfg.storage.root, mv, run_id, run_id, cfg.index)
+            index.build(storage, mv, run_id, run_id, cfg.index)
         report.data["index_version"] = run_id
         with report.stage("validate"):
             expected = features.counts(storage, mv, run_id)
@@ -190,11 +180,11 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]),
                             report.data)
         with report.stage("publish"):
-            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions)
+            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
         report.data["index_uri"] = storage.uri(*index.version_prefix(mv, run_id))
         report.finish("published")
         return report.data
-    except RunFailed as exc:
+    except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
         report.finish("failed", error=str(exc))
         raise RunFailed(str(exc), report.data) from None
     except Exception as exc:

@@ -109,11 +109,11 @@ def parse_uri(uri: str) -> tuple[str, str, str | None]:
     return root, rest[0], rest[1] if len(rest) == 2 else None
 
 
-def validate_uri(uri: str, cfg: ValidateConfig) -> dict:
+def validate_uri(uri: str, cfg: ValidateConfig, storage_options: dict | None = None) -> dict:
     from engine.publish import latest
 
     root, model_version, index_version = parse_uri(uri)
-    storage = Storage(root)
+    storage = Storage(root, storage_options)
     index_version = index_version or latest(storage, model_version)
     if index_version is None:
         return {"ok": False, "failures": [f"{uri}: no LATEST and no index version given"]}

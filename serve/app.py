@@ -25,7 +25,7 @@ from engine import imaging, metrics, publish
 from engine.config import Config, EmbedConfig
 from engine.embed import Embedder
 from engine.index import IndexLoadError, LoadedIndex
-from engine.storage import Storage
+from engine.storage import Storage, gcs_options
 
 log = logging.getLogger("lookalike.serve")
 
@@ -74,8 +74,9 @@ async def _unexpected(_: Request, exc: Exception):
 class Encoder:
     """uint8 HWC images -> unit vectors, batched across concurrent requests."""
 
-    def __init__(self, embed_cfg: dict, batch_size: int = 16, batch_wait_s: float = 0.005):
-        self.embedder = Embedder(EmbedConfig.model_validate(embed_cfg))
+    def __init__(self, embed_cfg: dict, batch_size: int = 16, batch_wait_s: float = 0.005,
+                 storage_options: dict | None = None):
+        self.embedder = Embedder(EmbedConfig.model_validate(embed_cfg), storage_options=storage_options)
         self.embed.set_max_batch_size(batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -89,7 +90,7 @@ class IndexHolder:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.storage = Storage(cfg.storage.root)
+        self.storage = Storage.from_config(cfg.storage)
         self.model_version = cfg.embed.model_version
         self.current: LoadedIndex | None = None
         self.last_error: str | None = None
@@ -221,7 +222,8 @@ def build_app(cfg: Config):
     """The Serve application for ``serve.run``; replicas get plain dicts (picklable, re-validated)."""
     opts = {"num_cpus": cfg.serve.replica_cpus}
     encoder = Encoder.options(ray_actor_options=opts).bind(
-        cfg.embed.model_dump(), cfg.serve.encoder_batch_size, cfg.serve.encoder_batch_wait_s)
+        cfg.embed.model_dump(), cfg.serve.encoder_batch_size, cfg.serve.encoder_batch_wait_s,
+        gcs_options(cfg.storage))
     return SearchAPI.options(ray_actor_options=opts).bind(encoder, cfg.to_dict())
 
 

@@ -79,3 +79,23 @@ def published(ray_cluster, sample_catalog, tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     cfg = make_config(sample_catalog, root)
     return cfg, pipeline.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """fake-gcs-server on a free 127.0.0.1 port for the whole session (tests/emulators.py)."""
+    from emulators import FakeGcs
+
+    server = FakeGcs(tmp_path_factory.mktemp("gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bq_emulator(tmp_path_factory):
+    """bqemulator (REST + Storage Read gRPC) on free 127.0.0.1 ports for the whole session."""
+    from emulators import BqEmulator
+
+    server = BqEmulator(tmp_path_factory.mktemp("bq")).start()
+    yield server
+    server.stop()
