@@ -89,9 +89,9 @@ class IndexParams(_Section):
 
 class IndexConfig(_Section):
     metric: Literal["angular", "euclidean", "dot"] = "angular"
-    n_trees: int = Field(50, ge=1)
-    search_k: int = Field(-1, ge=-1, description="-1: Annoy's default (n_trees * k)")
-    max_shard_size: int = Field(250_000, ge=1, description="items per Annoy shard; a category splits above it")
+    n_trees: int = Field(40, ge=1)
+    search_k: int = Field(2000, ge=-1, description="-1: Annoy's default (n_trees * k)")
+    max_shard_size: int = Field(50_000, ge=1, description="items per Annoy shard; a category splits above it")
     seed: int = Field(0, description="Annoy build seed: the same features give the same index")
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs per shard build task (Annoy n_jobs)")
     categories: dict[str, IndexParams] = Field(default_factory=dict, description="per-category overrides")

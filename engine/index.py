@@ -362,10 +362,9 @@ class Shard:
 
 def merge(hit_lists, k: int, exclude: str | None = None) -> list[dict]:
     """Per-shard (category, ids, scores) -> one top-k list, best first."""
-    hits = [{"product_id": pid, "category": cat, "score": round(float(s), 6)}
-            for cat, ids, scores in hit_lists for pid, s in zip(ids, scores) if pid != exclude]
-    hits.sort(key=lambda h: -h["score"])
-    return hits[:k]
+    hits = [(-float(s), pid, cat) for cat, ids, scores in hit_lists for pid, s in zip(ids, scores) if pid != exclude]
+    hits.sort(key=lambda h: h[0])  # by the exact score: rounding first would turn near-ties into ties
+    return [{"product_id": pid, "category": cat, "score": round(-s, 6)} for s, pid, cat in hits[:k]]
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
 """Clustered synthetic embeddings and feature shards, for index benchmarks and tests at any scale.
 
 Real product embeddings are not spread evenly over the sphere: they sit in clusters (a product
-type, a style) and vary within a cluster along a few directions (colour, pose, length). So each
-synthetic vector is a cluster centre, plus a point of that cluster's own low-dimensional subspace,
-plus a little isotropic noise, L2-normalised. ``local_dim``, ``spread`` and ``noise`` set how hard
-nearest-neighbour search is; ``bench/index.py`` reports how they compare with real embeddings.
+type, a style) and vary within a cluster along a few directions (colour, pose, length), a few of
+them much more than the rest. So each synthetic vector is a cluster centre, plus a point of that
+cluster's own ``local_dim``-dimensional subspace whose axis scales fall off as a power law
+(``spread * (1 + j) ** -decay``), plus a little isotropic noise, L2-normalised.
+
+The defaults were fitted to real embeddings (EfficientNet-Lite0, 512-d, of the 10,000 shipped
+Fashion-MNIST test images, 1,000 per class, hence 1,000 per cluster): relative contrast at k=10
+1.56 vs 1.80 real, local intrinsic dimension 18.6 vs 20.5, and Annoy (50 trees) recall@10 at
+search_k 500/1000/2000 of 0.94/0.96/0.97 vs 0.93/0.96/0.98 real. ``bench/index.py --real``
+measures the same numbers side by side.
 """
 from __future__ import annotations
 
@@ -22,10 +28,11 @@ from engine.storage import Storage
 class Clusters:
     """A fixed mixture: the same seed gives the same centres and subspaces."""
 
-    def __init__(self, dim: int, clusters: int = 1000, local_dim: int = 12, spread: float = 0.5,
-                 noise: float = 0.1, seed: int = 0):
+    def __init__(self, dim: int, clusters: int = 10, local_dim: int = 64, spread: float = 1.5,
+                 noise: float = 0.25, decay: float = 0.6, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.dim, self.local_dim, self.spread, self.noise = dim, local_dim, spread, noise
+        self.dim, self.local_dim, self.noise = dim, local_dim, noise
+        self.scales = (spread * (1.0 + np.arange(local_dim)) ** -decay).astype(np.float32)
         self.centres = _unit(rng.standard_normal((clusters, dim)).astype(np.float32))
         self.bases = rng.standard_normal((clusters, local_dim, dim)).astype(np.float32) / np.sqrt(local_dim)
 
@@ -37,7 +44,7 @@ class Clusters:
         bounds = np.searchsorted(label[order], np.arange(len(self.centres) + 1))
         for c in np.flatnonzero(np.diff(bounds)):
             rows = order[bounds[c]:bounds[c + 1]]
-            coef = rng.standard_normal((len(rows), self.local_dim), np.float32) * self.spread
+            coef = rng.standard_normal((len(rows), self.local_dim), np.float32) * self.scales
             out[rows] += coef @ self.bases[c]
         return _unit(out)
 

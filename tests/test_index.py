@@ -14,7 +14,7 @@ from engine.storage import Storage
 MV = "synthetic-64"
 DIM = 64
 SIZES = {"tops": 2400, "bags": 700, "hats": 3}
-CLUSTERS = dict(clusters=60, local_dim=6, spread=0.5, noise=0.1)
+CLUSTERS = dict(clusters=60, local_dim=6, spread=0.5, noise=0.1, decay=0.0)
 
 
 @pytest.fixture(scope="module")
