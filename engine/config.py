@@ -131,12 +131,29 @@ class ValidateConfig(_Section):
     min_recall_at_10: float = Field(0.95, ge=0, le=1)
 
 
+class IndexParams(_Section):
+    """Per-category build parameters; a key left out inherits the index-wide value."""
+    metric: Optional[Literal["angular", "euclidean", "dot"]] = None
+    n_trees: Optional[int] = Field(None, ge=1)
+    search_k: Optional[int] = Field(None, ge=-1)
+
+
 class IndexConfig(_Section):
     metric: Literal["angular", "euclidean", "dot"] = "angular"
-    n_trees: int = Field(50, ge=1)
-    search_k: int = Field(-1, description="-1: Annoy's default (n_trees * k)")
+    n_trees: int = Field(40, ge=1)
+    search_k: int = Field(2000, ge=-1, description="-1: Annoy's default (n_trees * k)")
+    max_shard_size: int = Field(50_000, ge=1, description="items per Annoy shard; a category splits above it")
+    seed: int = Field(0, description="Annoy build seed: the same features give the same index")
+    cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs per shard build task (Annoy n_jobs)")
+    categories: dict[str, IndexParams] = Field(default_factory=dict, description="per-category overrides")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def params(self, category: str) -> dict:
+        """Build parameters for one category: its override, else the index-wide value."""
+        over = self.categories.get(category) or IndexParams()
+        return {"metric": over.metric or self.metric, "n_trees": over.n_trees or self.n_trees,
+                "search_k": self.search_k if over.search_k is None else over.search_k}
 
 
 class StorageConfig(_Section):
@@ -161,6 +178,13 @@ class ServeConfig(_Section):
     reload_interval_s: float = Field(10.0, gt=0, description="how often replicas look for a newer LATEST")
     encoder_batch_size: int = Field(16, ge=1)
     encoder_batch_wait_s: float = Field(0.005, ge=0)
+    searcher_groups: int = Field(1, ge=1, description="Searcher deployments; an index's shards are spread over them")
+    searcher_replicas: int = Field(1, ge=1, description="replicas per Searcher deployment")
+    searcher_threads: int = Field(4, ge=1, description="Annoy queries in flight per Searcher replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica, ingress and searchers")
+    swap_grace_s: float = Field(30.0, ge=0, description="an index version replaced this long ago and idle is unloaded")
+    retry_refused_s: float = Field(300.0, gt=0, description="a refused index version is tried again after this")
+    auth_token_env: Optional[str] = Field(None, description="env var holding a bearer token; None: no auth")
 
 
 class NotifyConfig(_Section):

@@ -1,13 +1,19 @@
-"""Annoy indexes per category: built in parallel as Ray tasks, loaded (mmap) for search.
+"""Annoy indexes per category, in shards built in parallel as Ray tasks; loaded (mmap) for search.
 
-An index version is a folder ``indexes/<model_version>/<index_version>/`` holding, per
-category, ``<category>/shard-000.ann`` and its id map ``shard-000.ids.parquet`` (Annoy item
-id -> product_id), plus ``manifest.json`` (counts, dim, params, checksums). Versions are
-immutable once written; the LATEST pointer is the only thing that moves (engine.publish).
+An index version is a folder ``indexes/<model_version>/<index_version>/`` holding, per category,
+``<category>/shard-NNN.ann`` (Annoy, at most ``index.max_shard_size`` items) with its id map
+``shard-NNN.ids.parquet`` (Annoy item id -> product_id) beside it, and ``manifest.json``: counts,
+dims, model version, build parameters per category, sizes and sha256 of every file. A version is
+immutable once its manifest exists (the manifest is written last); the LATEST pointer is the only
+thing that moves (engine.publish).
+
+Each shard build is one Ray task whose ``memory`` request comes from the shard's size, so a cluster
+runs as many builds at once as it has memory for, never more.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import time
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import features
@@ -22,6 +29,12 @@ from engine.config import IndexConfig
 from engine.storage import Storage
 
 MANIFEST = "manifest.json"
+FORMAT = 2
+MIB = 1 << 20
+# Bytes before the vector in an Annoy node (annoylib.h: n_descendants, children[2], and for
+# euclidean/dot one more float). Item i is node i, so item vectors can be read straight off the file.
+NODE_HEADER = {"angular": 12, "euclidean": 16, "dot": 16}
+BUILD_HEADROOM = 256 * MIB
 
 
 def version_prefix(model_version: str, index_version: str) -> tuple[str, str, str]:
@@ -36,7 +49,7 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def score_from_distance(distance: np.ndarray | float, metric: str):
+def score_from_distance(distance, metric: str):
     """Annoy distances -> a similarity where higher is better (cosine for angular)."""
     d = np.asarray(distance, dtype=np.float64)
     if metric == "angular":
@@ -46,77 +59,422 @@ def score_from_distance(distance: np.ndarray | float, metric: str):
     return -d
 
 
-def build_category(root: str, model_version: str, run_id: str, index_version: str, category: str,
-                   params: dict) -> dict:
-    """Build one category's index from the run's feature shards and upload it; returns its manifest entry."""
+def shard_name(number: int) -> str:
+    return f"shard-{number:03d}"
+
+
+# ---------------------------------------------------------------- planning
+
+
+def node_bytes(dim: int, metric: str) -> int:
+    return NODE_HEADER[metric] + 4 * dim
+
+
+def index_bytes(count: int, dim: int, n_trees: int, metric: str) -> int:
+    """Expected size of an Annoy file: one node per item, and per tree about 2.9/K nodes per item
+    (leaves hold up to K = dim + 2 ids), i.e. roughly 12 bytes per item per tree whatever the dim."""
+    node = node_bytes(dim, metric)
+    per_tree = math.ceil(count * 2.9 / max(1, (node - 4) // 4)) + 1
+    return node * (count + n_trees * per_tree)
+
+
+def shard_memory_bytes(count: int, dim: int, n_trees: int, metric: str) -> int:
+    """Ray memory request of one shard build: its vectors as read (arrow, shared with numpy), the
+    id strings, Annoy's in-memory nodes (grown by realloc: up to 1.5x the final size) and headroom."""
+    vectors = count * dim * 4
+    ids = count * 64
+    return int(vectors + ids + 1.5 * index_bytes(count, dim, n_trees, metric) + BUILD_HEADROOM)
+
+
+def feature_files(storage: Storage, model_version: str, run_id: str) -> dict[str, list[tuple[str, list | None]]]:
+    """The feature shards of ``run_id``'s feature set per category, as (file, rows) pairs.
+
+    ``rows`` is None for "every row" (a run without a product manifest), else the positions in
+    the file that belong to the set: incremental runs reuse features that earlier runs stored,
+    so the product manifest names, per product, the run whose shard holds its vector. Only
+    product_id and content_key are read here, never vectors.
+    """
+    manifest = features.read_manifest(storage, model_version, run_id)
+    if manifest is None:
+        return {cat: [(f, None) for f in _shard_files(storage, model_version, run_id, cat)]
+                for cat in features.categories(storage, model_version, run_id)}
+    out = {}
+    for category in sorted(pc.unique(manifest.column("category")).to_pylist()):
+        wanted = manifest.filter(pc.equal(manifest.column("category"), category))
+        want = set(zip(wanted.column("product_id").to_pylist(), wanted.column("content_key").to_pylist()))
+        seen, files = set(), []
+        for source in sorted(pc.unique(wanted.column("source_run")).to_pylist()):
+            paths = _shard_files(storage, model_version, source, category)
+            if not paths:
+                raise FileNotFoundError(f"features of run {source} for category {category} are missing")
+            for path in paths:
+                keys = pq.read_table(path, columns=["product_id", "content_key"], filesystem=storage.fs)
+                rows = []
+                for i, key in enumerate(zip(keys.column("product_id").to_pylist(),
+                                            keys.column("content_key").to_pylist())):
+                    if key in want and key[0] not in seen:
+                        seen.add(key[0])
+                        rows.append(i)
+                if rows:
+                    files.append((path, rows))
+        if len(seen) != wanted.num_rows:
+            raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
+                             f"{len(seen)} have stored features")
+        out[category] = files
+    return out
+
+
+def _shard_files(storage: Storage, model_version: str, run_id: str, category: str) -> list[str]:
+    folder = storage.path(*features.run_prefix(model_version, run_id), f"category={category}")
+    if not storage.fs.exists(folder):
+        return []
+    return sorted(f for f in storage.fs.ls(folder, detail=False)
+                  if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
+
+
+def _vector_dim(schema: pa.Schema, path: str) -> int:
+    field = schema.field("vector") if "vector" in schema.names else None
+    if field is None or not pa.types.is_fixed_size_list(field.type):
+        raise ValueError(f"{path}: column 'vector' must be a fixed-size list of float32, got "
+                         f"{field.type if field is not None else 'no such column'}")
+    return field.type.list_size
+
+
+def plan(storage: Storage, files_by_category: dict[str, list[str]], cfg: IndexConfig) -> list[dict]:
+    """Split each category into shards of at most ``cfg.max_shard_size`` items, as even as possible.
+
+    A shard is a list of (file, first, end, positions) slices of the feature files, so each build
+    task reads only its own rows: rows ``first:end`` of the file, or of ``positions`` (the file's
+    rows in this feature set) when given. Row counts come from parquet footers.
+    """
+    shards = []
+    for category in sorted(files_by_category):
+        rows, dims, picks = [], set(), {}
+        for path, positions in files_by_category[category]:
+            meta = pq.ParquetFile(path, filesystem=storage.fs).metadata
+            dims.add(_vector_dim(meta.schema.to_arrow_schema(), path))
+            rows.append((path, meta.num_rows if positions is None else len(positions)))
+            picks[path] = positions
+        total = sum(n for _, n in rows)
+        if total == 0:
+            continue
+        if len(dims) != 1:
+            raise ValueError(f"category {category}: feature files disagree on the vector dim: {sorted(dims)}")
+        dim = dims.pop()
+        params = cfg.params(category)
+        n_shards = math.ceil(total / cfg.max_shard_size)
+        bounds = [round(i * total / n_shards) for i in range(n_shards + 1)]
+        for number in range(n_shards):
+            lo, hi = bounds[number], bounds[number + 1]
+            slices, offset = [], 0
+            for path, n in rows:
+                start, stop = max(lo - offset, 0), min(hi - offset, n)
+                if start < stop:
+                    pick = picks[path]
+                    slices.append((path, start, stop, None if pick is None else pick[start:stop]))
+                offset += n
+            count = hi - lo
+            shards.append({"category": category, "shard": number, "slices": slices, "count": count,
+                           "dim": dim, "params": params,
+                           "memory": shard_memory_bytes(count, dim, params["n_trees"], params["metric"])})
+    return shards
+
+
+def _largest_node_memory() -> float:
+    import ray
+
+    return max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+# ---------------------------------------------------------------- building
+
+
+def read_rows(storage: Storage, slices: list[tuple]) -> pa.Table:
+    """The rows of the given (file, start, stop, positions) slices, reading only the row groups they touch."""
+    parts = []
+    for path, start, stop, positions in slices:
+        lo, hi = (start, stop) if positions is None else (positions[0], positions[-1] + 1)
+        pf = pq.ParquetFile(path, filesystem=storage.fs)
+        groups, first, offset = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < hi and offset + n > lo:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        table = pf.read_row_groups(groups, columns=["product_id", "vector"])
+        if positions is None:
+            parts.append(table.slice(lo - first, hi - lo))
+        else:
+            parts.append(table.take(pa.array(np.asarray(positions, np.int64) - first)))
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) -> dict:
+    """Ray task: build one shard from its feature slices, write it and its id map; returns its manifest entry."""
     from annoy import AnnoyIndex
 
     t0 = time.time()
     storage = Storage.of(root)
-    table = features.read_category(storage, model_version, run_id, category)
+    table = read_rows(storage, spec["slices"])
     vecs = features.vectors(table)
     ids = table.column("product_id").cast(pa.string())
-    dim = vecs.shape[1]
+    if ids.null_count:
+        raise ValueError(f"{spec['category']}: {ids.null_count} feature rows have no product_id")
+    params, dim = spec["params"], spec["dim"]
     index = AnnoyIndex(dim, params["metric"])
-    for i, v in enumerate(vecs):
-        index.add_item(i, v)
-    index.build(params["n_trees"], n_jobs=1)
-    prefix = version_prefix(model_version, index_version) + (category,)
+    index.set_seed(seed + spec["shard"])
+    for i in range(len(vecs)):
+        index.add_item(i, vecs[i])
+    del table, vecs
+    index.build(params["n_trees"], n_jobs=n_jobs)
+    name = shard_name(spec["shard"])
+    parts = prefix + (spec["category"],)
+    entry = {"shard": spec["shard"], "index": f"{name}.ann", "ids": f"{name}.ids.parquet",
+             "count": len(ids), "memory_request": spec["memory"]}
     with tempfile.TemporaryDirectory() as tmp:
-        ann, idmap = os.path.join(tmp, "shard-000.ann"), os.path.join(tmp, "shard-000.ids.parquet")
-        index.save(ann)
-        pq.write_table(pa.table({"annoy_id": pa.array(np.arange(len(ids)), pa.int64()), "product_id": ids}), idmap)
-        shard = {"index": "shard-000.ann", "ids": "shard-000.ids.parquet", "count": len(ids),
-                 "sha256": sha256(ann), "ids_sha256": sha256(idmap), "bytes": os.path.getsize(ann)}
-        storage.put_file(ann, *prefix, shard["index"])
-        storage.put_file(idmap, *prefix, shard["ids"])
-    return {"category": category, "count": len(ids), "dim": dim, "shards": [shard],
-            "build_s": round(time.time() - t0, 3)}
+        local = storage.is_local
+        folder = storage.path(*parts) if local else tmp
+        os.makedirs(folder, exist_ok=True)
+        ann, idmap = os.path.join(folder, entry["index"]), os.path.join(folder, entry["ids"])
+        index.save(ann + ".tmp")
+        index.unload()
+        os.replace(ann + ".tmp", ann)
+        pq.write_table(pa.table({"annoy_id": pa.array(np.arange(len(ids)), pa.int64()), "product_id": ids}),
+                       idmap + ".tmp")
+        os.replace(idmap + ".tmp", idmap)
+        entry.update(bytes=os.path.getsize(ann), sha256=sha256(ann), ids_bytes=os.path.getsize(idmap),
+                     ids_sha256=sha256(idmap))
+        if not local:
+            storage.put_file(ann, *parts, entry["index"])
+            storage.put_file(idmap, *parts, entry["ids"])
+    entry["build_s"] = round(time.time() - t0, 3)
+    return entry
+
+
+def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list[str]],
+                     cfg: IndexConfig, run_id: str | None = None) -> dict:
+    """Build every shard of every category as parallel Ray tasks, then write the manifest (last)."""
+    import ray
+
+    t0 = time.time()
+    storage = Storage.of(root)
+    prefix = version_prefix(model_version, index_version)
+    if storage.exists(*prefix, MANIFEST):
+        raise RuntimeError(f"{storage.uri(*prefix)} already exists: index versions are immutable")
+    specs = plan(storage, files_by_category, cfg)
+    if not specs:
+        raise ValueError(f"no feature rows to index for model {model_version}")
+    dims = {s["dim"] for s in specs}
+    if len(dims) != 1:
+        raise ValueError(f"categories have different vector dims {sorted(dims)}; one index version needs one dim")
+    biggest, room = max(s["memory"] for s in specs), _largest_node_memory()
+    if biggest > room:
+        raise RuntimeError(f"a shard build needs {biggest / 2**30:.1f} GiB of memory and the largest Ray node "
+                           f"offers {room / 2**30:.1f} GiB; lower index.max_shard_size")
+    n_jobs = max(1, int(cfg.cpus_per_shard))
+    task = ray.remote(build_shard)
+    refs = [task.options(num_cpus=cfg.cpus_per_shard, memory=s["memory"],
+                         name=f"index:{s['category']}/{shard_name(s['shard'])}")
+            .remote(root, prefix, s, cfg.seed, n_jobs) for s in specs]
+    entries = ray.get(refs)
+    categories: dict[str, dict] = {}
+    for spec, entry in zip(specs, entries):
+        cat = categories.setdefault(spec["category"], {"category": spec["category"], "count": 0, "dim": spec["dim"],
+                                                       "params": spec["params"], "shards": []})
+        cat["count"] += entry["count"]
+        cat["shards"].append(entry)
+    manifest = {
+        "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
+        "params": {"metric": cfg.metric, "n_trees": cfg.n_trees, "search_k": cfg.search_k, "seed": cfg.seed,
+                   "max_shard_size": cfg.max_shard_size},
+        "count": sum(c["count"] for c in categories.values()),
+        "categories": categories,
+        "build": {"seconds": round(time.time() - t0, 3), "shards": len(specs),
+                  "shard_seconds": round(sum(e["build_s"] for e in entries), 3)},
+    }
+    storage.write_json(manifest, *prefix, MANIFEST)
+    return manifest
 
 
 def build(root: str, model_version: str, run_id: str, index_version: str, cfg: IndexConfig) -> dict:
-    """Build every category in parallel (one Ray task each) and write the version manifest."""
-    import ray
+    """Build an index version from one run's feature shards."""
+    files = feature_files(Storage.of(root), model_version, run_id)
+    return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id)
 
-    storage = Storage.of(root)
-    params = {"metric": cfg.metric, "n_trees": cfg.n_trees, "search_k": cfg.search_k}
-    task = ray.remote(num_cpus=1)(build_category)
-    cats = features.categories(storage, model_version, run_id)
-    entries = ray.get([task.remote(root, model_version, run_id, index_version, c, params) for c in cats])
-    dims = {e["dim"] for e in entries}
-    manifest = {
-        "model_version": model_version, "index_version": index_version, "run_id": run_id,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
-        "dim": dims.pop() if len(dims) == 1 else None,
-        "categories": {e["category"]: e for e in sorted(entries, key=lambda e: e["category"])},
-    }
-    storage.write_json(manifest, *version_prefix(model_version, index_version), MANIFEST)
-    return manifest
+
+# ---------------------------------------------------------------- loading and searching
 
 
 class IndexLoadError(RuntimeError):
     pass
 
 
-@dataclass
-class CategoryIndex:
-    annoy: object
-    ids: list[str]
-    positions: dict[str, int]
+def category_params(manifest: dict, category: str) -> dict:
+    return manifest["categories"][category].get("params") or manifest["params"]
+
+
+def local_copy(storage: Storage, cache_dir: str, parts: tuple) -> str:
+    """A local path for a stored file: itself on local storage, else a copy in the cache (Annoy mmaps files)."""
+    if storage.is_local:
+        return storage.path(*parts)
+    target = os.path.join(cache_dir, *parts)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.part"
+        storage.get_file(tmp, *parts)
+        os.replace(tmp, target)
+    return target
+
+
+def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
+             verify: bool = True) -> pa.Array:
+    path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]))
+    if verify and sha256(path) != entry["ids_sha256"]:
+        raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
+    try:
+        ids = pq.read_table(path, columns=["product_id"]).column("product_id").combine_chunks()
+    except Exception as exc:  # noqa: BLE001 - any unreadable id map is a load failure
+        raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: {exc}") from None
+    if len(ids) != entry["count"]:
+        raise IndexLoadError(f"{category}/{entry['ids']}: {len(ids)} ids, manifest says {entry['count']}")
+    return ids.cast(pa.string())
+
+
+class Shard:
+    """One Annoy file, mmap'd, and its id map."""
+
+    def __init__(self, category: str, entry: dict, dim: int, params: dict, path: str, ids: pa.Array):
+        from annoy import AnnoyIndex
+
+        self.category, self.number, self.entry, self.dim, self.path = category, entry["shard"], entry, dim, path
+        self.metric, self.search_k = params["metric"], params.get("search_k", -1)
+        self.ids = ids
+        self.annoy = AnnoyIndex(dim, self.metric)
+        try:
+            self.annoy.load(path)
+        except OSError as exc:
+            raise IndexLoadError(f"{category}/{entry['index']}: cannot load: {exc}") from None
+        if self.annoy.get_n_items() != len(ids):
+            raise IndexLoadError(f"{category}/{entry['index']}: {self.annoy.get_n_items()} items in the index, "
+                                 f"{len(ids)} in its id map")
+
+    @classmethod
+    def load(cls, storage: Storage, prefix: tuple, category: str, entry: dict, dim: int, params: dict,
+             cache_dir: str, verify: bool = True) -> "Shard":
+        path = local_copy(storage, cache_dir, prefix + (category, entry["index"]))
+        if verify:
+            size = os.path.getsize(path)
+            if "bytes" in entry and size != entry["bytes"]:
+                raise IndexLoadError(f"{category}/{entry['index']}: {size} bytes, manifest says {entry['bytes']} "
+                                     f"(truncated or replaced file)")
+            if sha256(path) != entry["sha256"]:
+                raise IndexLoadError(f"{category}/{entry['index']}: checksum mismatch (corrupt file)")
+        return cls(category, entry, dim, params, path, read_ids(storage, prefix, category, entry, cache_dir, verify))
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def search(self, vector: list[float], n: int, search_k: int | None = None) -> tuple[list[str], np.ndarray]:
+        """Top-n (product_ids, scores), best first. Annoy releases the GIL: call from many threads."""
+        items, dists = self.annoy.get_nns_by_vector(vector, n, search_k=self.search_k if search_k is None else search_k,
+                                                    include_distances=True)
+        ids = self.ids.take(pa.array(items, pa.int64())).to_pylist() if items else []
+        return ids, score_from_distance(dists, self.metric)
+
+    def vector(self, position: int) -> np.ndarray:
+        return np.asarray(self.annoy.get_item_vector(position), np.float32)
+
+    def item_vectors(self) -> np.ndarray:
+        """All item vectors as a read-only (count, dim) view of the mmap'd file, no copy.
+
+        Annoy stores item i as node i; checked against Annoy's own accessor on a few items.
+        """
+        node = node_bytes(self.dim, self.metric) // 4
+        n = len(self)
+        raw = np.memmap(self.path, dtype=np.float32, mode="r", shape=(n * node,))
+        view = raw.reshape(n, node)[:, NODE_HEADER[self.metric] // 4:]
+        for i in {0, n // 2, n - 1} if n else ():
+            if not np.array_equal(view[i], self.vector(i)):
+                return np.stack([self.vector(i) for i in range(n)])
+        return view
+
+    def close(self) -> None:
+        self.annoy.unload()
+
+
+def merge(hit_lists, k: int, exclude: str | None = None) -> list[dict]:
+    """Per-shard (category, ids, scores) -> one top-k list, best first."""
+    hits = [(-float(s), pid, cat) for cat, ids, scores in hit_lists for pid, s in zip(ids, scores) if pid != exclude]
+    hits.sort(key=lambda h: h[0])  # by the exact score: rounding first would turn near-ties into ties
+    return [{"product_id": pid, "category": cat, "score": round(-s, 6)} for s, pid, cat in hits[:k]]
+
+
+@dataclass(frozen=True)
+class Location:
+    category: str
+    shard: int
+    position: int
+
+
+class Directory:
+    """product_id -> where it is (category, shard, position) in one index version.
+
+    Sorted fixed-width byte keys and parallel integer arrays: a few tens of MB for millions of
+    products, where a dict of Python strings would take hundreds. A product may sit in several
+    categories (one per detected object), never twice in one.
+    """
+
+    def __init__(self, parts: list[tuple[str, int, pa.Array]]):
+        self.category_names = sorted({c for c, _, _ in parts})
+        code = {c: i for i, c in enumerate(self.category_names)}
+        keys = [np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False)) for _, _, ids in parts]
+        flat = np.concatenate(keys) if keys else np.array([], dtype=object)
+        self.keys = flat.astype("S") if len(flat) else np.array([], dtype="S1")
+        cats = np.concatenate([np.full(len(ids), code[c], np.int32) for c, _, ids in parts]) if parts else np.zeros(0, np.int32)
+        shards = np.concatenate([np.full(len(ids), s, np.int32) for _, s, ids in parts]) if parts else np.zeros(0, np.int32)
+        pos = np.concatenate([np.arange(len(ids), dtype=np.int64) for _, _, ids in parts]) if parts else np.zeros(0, np.int64)
+        order = np.lexsort((cats, self.keys))
+        self.keys, self.cats, self.shards, self.positions = self.keys[order], cats[order], shards[order], pos[order]
+
+    @classmethod
+    def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
+        prefix = version_prefix(manifest["model_version"], manifest["index_version"])
+        return cls([(cat, e["shard"], read_ids(storage, prefix, cat, e, cache_dir, verify))
+                    for cat, entry in manifest["categories"].items() for e in entry["shards"]])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, product_id: str) -> list[Location]:
+        key = product_id.encode()
+        if not key or len(key) > self.keys.dtype.itemsize or key.endswith(b"\0"):
+            return []
+        lo, hi = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        return [Location(self.category_names[self.cats[i]], int(self.shards[i]), int(self.positions[i]))
+                for i in range(lo, hi)]
+
+    def duplicates(self) -> dict[str, int]:
+        """Per category, how many product_ids appear more than once in it."""
+        same = (self.keys[1:] == self.keys[:-1]) & (self.cats[1:] == self.cats[:-1])
+        out: dict[str, int] = {}
+        for c in self.cats[1:][same]:
+            out[self.category_names[c]] = out.get(self.category_names[c], 0) + 1
+        return out
+
 
 class LoadedIndex:
-    """One index version, every category loaded and mmap'd: what the service searches."""
+    """One index version (or the shards of it that ``select`` keeps), loaded and mmap'd."""
 
-    def __init__(self, manifest: dict, categories: dict[str, CategoryIndex], verify: bool = True):
+    def __init__(self, manifest: dict, shards: list[Shard]):
         self.manifest = manifest
-        self.categories = categories
-        self.metric = manifest["params"]["metric"]
-        self.search_k = manifest["params"].get("search_k", -1)
         self.dim = manifest["dim"]
+        self.shards = {(s.category, s.number): s for s in shards}
+        self.categories: dict[str, list[Shard]] = {}
+        for s in sorted(shards, key=lambda s: (s.category, s.number)):
+            self.categories.setdefault(s.category, []).append(s)
+        self._directory: Directory | None = None
 
     @property
     def version(self) -> str:
@@ -124,74 +482,77 @@ class LoadedIndex:
 
     @classmethod
     def load(cls, storage: Storage, model_version: str, index_version: str, cache_dir: str,
-             verify: bool = True) -> "LoadedIndex":
-        """Load from local disk directly, or from a remote root via a local cache (Annoy mmaps files)."""
-        from annoy import AnnoyIndex
-
+             verify: bool = True, select=None) -> "LoadedIndex":
+        """Load every shard (or those where ``select(category, shard_number)``), checking sizes and checksums."""
         prefix = version_prefix(model_version, index_version)
+        manifest = read_manifest(storage, model_version, index_version)
+        shards = []
         try:
-            manifest = storage.read_json(*prefix, MANIFEST)
-        except FileNotFoundError:
-            raise IndexLoadError(f"{storage.uri(*prefix)}: no {MANIFEST}") from None
-        cats = {}
-        for name, entry in manifest["categories"].items():
-            for shard in entry["shards"]:
-                ann = cls._local(storage, cache_dir, prefix + (name, shard["index"]))
-                ids_path = cls._local(storage, cache_dir, prefix + (name, shard["ids"]))
-                if verify and sha256(ann) != shard["sha256"]:
-                    raise IndexLoadError(f"{name}/{shard['index']}: checksum mismatch (corrupt or truncated file)")
-                index = AnnoyIndex(manifest["dim"], manifest["params"]["metric"])
-                try:
-                    index.load(ann)
-                except OSError as exc:
-                    raise IndexLoadError(f"{name}/{shard['index']}: cannot load: {exc}") from None
-                ids = pq.read_table(ids_path).column("product_id").to_pylist()
-                if index.get_n_items() != len(ids) or len(ids) != shard["count"]:
-                    raise IndexLoadError(f"{name}: {index.get_n_items()} items in index, {len(ids)} ids, "
-                                         f"manifest says {shard['count']}")
-                cats[name] = CategoryIndex(index, ids, {pid: i for i, pid in enumerate(ids)})
-        return cls(manifest, cats)
+            for name, entry in manifest["categories"].items():
+                params = category_params(manifest, name)
+                for e in entry["shards"]:
+                    if select is None or select(name, e["shard"]):
+                        shards.append(Shard.load(storage, prefix, name, e, manifest["dim"], params, cache_dir, verify))
+        except BaseException:
+            for s in shards:
+                s.close()
+            raise
+        return cls(manifest, shards)
 
-    @staticmethod
-    def _local(storage: Storage, cache_dir: str, parts: tuple) -> str:
-        if storage.is_local:
-            return storage.path(*parts)
-        target = os.path.join(cache_dir, *parts)
-        if not os.path.exists(target):
-            tmp = f"{target}.part"
-            storage.get_file(tmp, *parts)
-            os.replace(tmp, target)
-        return target
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.close()
 
-    def locate(self, product_id: str) -> tuple[str, int] | None:
-        for name, cat in self.categories.items():
-            pos = cat.positions.get(product_id)
-            if pos is not None:
-                return name, pos
-        return None
+    def counts(self) -> dict[str, int]:
+        return {name: sum(len(s) for s in shards) for name, shards in self.categories.items()}
 
-    def vector(self, category: str, position: int) -> np.ndarray:
-        return np.asarray(self.categories[category].annoy.get_item_vector(position), np.float32)
+    @property
+    def directory(self) -> Directory:
+        if self._directory is None:
+            self._directory = Directory([(s.category, s.number, s.ids) for s in self.shards.values()])
+        return self._directory
 
-    def search(self, vector: np.ndarray, k: int, categories: list[str] | None = None,
-               exclude: str | None = None) -> list[dict]:
-        """Top-k over the given categories (all when None), merged by score, best first."""
-        hits = []
-        for name in categories or list(self.categories):
-            cat = self.categories.get(name)
-            if cat is None:
-                continue
-            n = k + (1 if exclude is not None else 0)
-            items, dists = cat.annoy.get_nns_by_vector(list(map(float, vector)), n, search_k=self.search_k,
-                                                       include_distances=True)
-            scores = score_from_distance(np.array(dists), self.metric)
-            hits += [{"product_id": cat.ids[i], "category": name, "score": round(float(s), 6)}
-                     for i, s in zip(items, scores) if cat.ids[i] != exclude]
-        hits.sort(key=lambda h: -h["score"])
-        return hits[:k]
+    def locate(self, product_id: str, categories: list[str] | None = None) -> Location | None:
+        """Where a product is: in one of ``categories`` when given (the first found), else its first category."""
+        found = self.directory.lookup(product_id)
+        if categories:
+            found = [loc for loc in found if loc.category in categories] or found
+        return found[0] if found else None
+
+    def vector(self, loc: Location) -> np.ndarray:
+        return self.shards[(loc.category, loc.shard)].vector(loc.position)
+
+    def search(self, vector, k: int, categories: list[str] | None = None, exclude: str | None = None) -> list[dict]:
+        """Top-k over the given categories (all when None), every shard queried, merged by score."""
+        vec = np.asarray(vector, np.float32).tolist()
+        n = k + (1 if exclude is not None else 0)
+        parts = [(s.category, *s.search(vec, n)) for name in (categories or list(self.categories))
+                 for s in self.categories.get(name, [])]
+        return merge(parts, k, exclude)
 
     def summary(self) -> dict:
-        m = self.manifest
-        return {"model_version": m["model_version"], "index_version": m["index_version"],
-                "built_at": m["built_at"], "dim": m["dim"],
-                "counts": {name: len(cat) for name, cat in self.categories.items()}}
+        return summary(self.manifest)
+
+
+def read_manifest(storage: Storage, model_version: str, index_version: str) -> dict:
+    prefix = version_prefix(model_version, index_version)
+    try:
+        manifest = storage.read_json(*prefix, MANIFEST)
+    except FileNotFoundError:
+        raise IndexLoadError(f"{storage.uri(*prefix)}: no {MANIFEST}") from None
+    except ValueError as exc:
+        raise IndexLoadError(f"{storage.uri(*prefix, MANIFEST)}: not valid JSON: {exc}") from None
+    missing = {"model_version", "index_version", "dim", "params", "categories"} - set(manifest)
+    if missing:
+        raise IndexLoadError(f"{storage.uri(*prefix, MANIFEST)}: missing {sorted(missing)}")
+    if (manifest["model_version"], manifest["index_version"]) != (model_version, index_version):
+        raise IndexLoadError(f"{storage.uri(*prefix, MANIFEST)}: describes {manifest['model_version']}/"
+                             f"{manifest['index_version']}, not this folder")
+    return manifest
+
+
+def summary(manifest: dict) -> dict:
+    return {"model_version": manifest["model_version"], "index_version": manifest["index_version"],
+            "built_at": manifest["built_at"], "dim": manifest["dim"],
+            "counts": {name: entry["count"] for name, entry in sorted(manifest["categories"].items())},
+            "shards": {name: len(entry["shards"]) for name, entry in sorted(manifest["categories"].items())}}

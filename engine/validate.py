@@ -1,67 +1,125 @@
 """The gate before publish: an index version must prove itself before LATEST moves to it.
 
-Checks (like autofaiss' score_index): every shard loads and matches its checksum; item counts
-equal the feature rows written; recall@10 against exact search on a sample of real vectors is
-at least the threshold; an item queried with its own vector finds itself.
+Checks (like autofaiss' score_index): the manifest describes this version; every shard loads, has
+its recorded size and checksum, and as many items as its id map; no product appears twice in one
+category; item counts equal the feature rows written; recall@10 of the sharded search (the fan-out
+and merge the service does) against exact search, on a sample of the index's own vectors, is at
+least the threshold; and an item queried with its own vector finds itself.
 """
 from __future__ import annotations
 
 import math
 import posixpath
 import tempfile
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine import features
 from engine.config import ValidateConfig
-from engine.index import MANIFEST, IndexLoadError, LoadedIndex, version_prefix
+from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, feature_files, merge, version_prefix
 from engine.storage import Storage
 
 K = 10
+EXACT_BLOCK = 65_536  # rows per matmul block: bounded memory whatever the shard size
+TIE = 1e-5
 
 
 def feature_counts(storage: Storage, model_version: str, run_id: str) -> dict[str, int]:
     counts = features.counts(storage, model_version, run_id)  # incremental runs: the product manifest
     if counts:
         return counts
-    for cat in features.categories(storage, model_version, run_id):
-        folder = storage.path(*features.run_prefix(model_version, run_id), f"category={cat}")
-        files = [f for f in storage.fs.ls(folder, detail=False) if f.rsplit("/", 1)[-1].startswith("part-")]
-        counts[cat] = sum(pq.ParquetFile(f, filesystem=storage.fs).metadata.num_rows for f in files)
-    return counts
+    return {cat: sum(pq.ParquetFile(f, filesystem=storage.fs).metadata.num_rows for f, _ in files)
+            for cat, files in feature_files(storage, model_version, run_id).items()}
 
 
-def _recall(index: LoadedIndex, sample: int, rng: np.random.Generator) -> tuple[float, float, int]:
-    """Mean recall@10 vs exact search, self-hit rate, and how many queries were used."""
-    total = sum(len(c) for c in index.categories.values()) or 1
-    recalls, self_hits = [], []
-    for name, cat in index.categories.items():
-        n = len(cat)
-        vecs = np.stack([index.vector(name, i) for i in range(n)])
-        if index.metric == "angular":
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12
-        m = min(n, max(1, math.ceil(sample * n / total)))  # ceil: at least `sample` in all
-        k = min(K, n)
-        for q in rng.choice(n, size=m, replace=False):
-            if index.metric == "euclidean":
-                exact_scores = -np.linalg.norm(vecs - vecs[q], axis=1)
-            else:
-                exact_scores = vecs @ vecs[q]
-            exact = np.argpartition(-exact_scores, k - 1)[:k]
-            kth = np.sort(exact_scores[exact])[0]
-            got = cat.annoy.get_nns_by_vector(list(map(float, vecs[q])), k, search_k=index.search_k)
-            # ties at the k-th score count as hits: any of them is an exact answer
-            recalls.append(sum(exact_scores[g] >= kth - 1e-6 for g in got) / k)
-            self_hits.append(q in got or exact_scores[got[0]] >= exact_scores[q] - 1e-6 if got else False)
+def _exact_scores(vecs: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Similarity (higher is better, same order as Annoy's) of every query to every row."""
+    v = np.ascontiguousarray(vecs, np.float32)
+    if metric == "angular":
+        v = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        q = queries / (np.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
+        return q @ v.T
+    if metric == "dot":
+        return queries @ v.T
+    return -(np.sum(v * v, axis=1)[None, :] - 2 * queries @ v.T + np.sum(queries * queries, axis=1)[:, None])
+
+
+def exact_top(shards: list[Shard], queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+    """Brute-force top-k over all shards of a category: (product_ids per query, k-th best score per query)."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.empty((len(queries), 0), dtype=object)
+    for shard in shards:
+        vecs, ids = shard.item_vectors(), np.asarray(shard.ids.to_pylist(), dtype=object)
+        for lo in range(0, len(shard), EXACT_BLOCK):
+            scores = _exact_scores(vecs[lo:lo + EXACT_BLOCK], queries, shard.metric).astype(np.float32)
+            take = min(k, scores.shape[1])
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], axis=1)
+            best_ids = np.concatenate([best_ids, ids[lo:lo + EXACT_BLOCK][top]], axis=1)
+            keep = np.argsort(-best_scores, axis=1)[:, :k]
+            best_scores, best_ids = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_ids, keep, 1)
+    kth = best_scores[:, -1] if best_scores.shape[1] else np.full(len(queries), np.inf)
+    return [list(row) for row in best_ids], kth
+
+
+def sharded_search(shards: list[Shard], vector: np.ndarray, k: int) -> list[dict]:
+    """What the service answers: every shard's top-k, merged by score."""
+    vec = np.asarray(vector, np.float32).tolist()
+    return merge([(s.category, *s.search(vec, k)) for s in shards], k)
+
+
+def recall(index: LoadedIndex, sample: int, rng: np.random.Generator, k: int = K) -> dict:
+    """Recall@k of the sharded search vs exact search, self-query hit rate, per category and overall.
+
+    Queries are items of the index (real vectors), spread over categories by size. Each query is
+    left out of both answers (it is trivially its own best match); ties at the k-th exact score
+    count as hits, since any of them is an exact answer.
+    """
+    total = sum(index.counts().values()) or 1
+    per_category, recalls, self_hits = {}, [], []
+    for name, shards in index.categories.items():
+        n = sum(len(s) for s in shards)
+        if n < 2:
+            continue
+        m = min(n, max(1, math.ceil(sample * n / total)))
+        picks = np.sort(rng.choice(n, size=m, replace=False))
+        starts = np.cumsum([0] + [len(s) for s in shards])
+        queries, own = [], []
+        for p in picks:
+            s = int(np.searchsorted(starts, p, "right") - 1)
+            queries.append(shards[s].vector(int(p - starts[s])))
+            own.append(shards[s].ids[int(p - starts[s])].as_py())
+        queries = np.stack(queries)
+        kk = min(k, n - 1)
+        exact_ids, kth = exact_top(shards, queries, kk + 1)
+        cat_recall, cat_self = [], []
+        for q, pid, truth, tie in zip(queries, own, exact_ids, kth):
+            got = sharded_search(shards, q, kk + 1)
+            cat_self.append(bool(got) and _is_duplicate(got, pid))
+            truth_set = set(truth) - {pid}
+            hits = [h for h in got if h["product_id"] != pid][:kk]
+            cat_recall.append(sum(h["product_id"] in truth_set or h["score"] >= tie - TIE for h in hits) / kk)
+        per_category[name] = {"recall_at_10": round(float(np.mean(cat_recall)), 4),
+                              "self_hit_rate": round(float(np.mean(cat_self)), 4), "sample": len(picks)}
+        recalls += cat_recall
+        self_hits += cat_self
     if not recalls:
-        return 0.0, 0.0, 0
-    return float(np.mean(recalls)), float(np.mean(self_hits)), len(recalls)
+        return {"recall_at_10": 0.0, "self_hit_rate": 0.0, "sample": 0, "per_category": per_category}
+    return {"recall_at_10": round(float(np.mean(recalls)), 4), "self_hit_rate": round(float(np.mean(self_hits)), 4),
+            "sample": len(recalls), "per_category": per_category}
+
+
+def _is_duplicate(got: list[dict], pid: str) -> bool:
+    """The query is found, at a score equal to the best one (an exact duplicate may come first)."""
+    best = got[0]["score"]
+    return any(h["product_id"] == pid and h["score"] >= best - TIE for h in got)
 
 
 def validate(storage: Storage, model_version: str, index_version: str, cfg: ValidateConfig,
              expected: dict[str, int] | None = None, cache_dir: str | None = None, seed: int = 0) -> dict:
     """Run every check; ``ok`` is True only when all pass. Never raises for a bad index."""
+    t0 = time.time()
     result = {"model_version": model_version, "index_version": index_version, "ok": False, "failures": []}
     fail = result["failures"].append
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,27 +131,44 @@ def validate(storage: Storage, model_version: str, index_version: str, cfg: Vali
         except Exception as exc:  # a corrupt manifest or id map is a failed check, not a crash
             fail(f"load: {type(exc).__name__}: {exc}")
             return result
-        result["counts_checked_against"] = "run"
-        if expected is None:
-            expected = feature_counts(storage, model_version, index.manifest["run_id"])
-            result["counts_checked_against"] = "features"
-        if not expected:  # an index copied away from its features: the manifest is what we have
-            expected = {c: sum(s["count"] for s in e["shards"]) for c, e in index.manifest["categories"].items()}
-            result["counts_checked_against"] = "manifest"
-        counts = {name: len(c) for name, c in index.categories.items()}
-        result["counts"] = counts
-        if counts != expected:
-            fail(f"counts: index has {counts}, features have {expected}")
-        recall, self_hit, n = _recall(index, cfg.sample, np.random.default_rng(seed))
-        result.update(recall_at_10=round(recall, 4), self_hit_rate=round(self_hit, 4), sample=n)
-        if n == 0:
-            fail("recall: the index is empty")
-        elif recall < cfg.min_recall_at_10:
-            fail(f"recall@10 {recall:.4f} < threshold {cfg.min_recall_at_10}")
-        if n and self_hit < 0.99:
-            fail(f"self-query: only {self_hit:.2%} of sampled items find themselves")
+        try:
+            _check(index, storage, cfg, expected, result, fail, seed)
+        finally:
+            index.close()
     result["ok"] = not result["failures"]
+    result["seconds"] = round(time.time() - t0, 3)
     return result
+
+
+def _check(index: LoadedIndex, storage: Storage, cfg: ValidateConfig, expected, result: dict, fail, seed: int) -> None:
+    manifest = index.manifest
+    for name, entry in manifest["categories"].items():
+        if entry.get("count", sum(s["count"] for s in entry["shards"])) != sum(s["count"] for s in entry["shards"]):
+            fail(f"manifest: {name} count {entry['count']} is not the sum of its shards")
+    result["counts_checked_against"] = "run"
+    if expected is None:
+        expected = feature_counts(storage, manifest["model_version"], manifest.get("run_id") or "")
+        result["counts_checked_against"] = "features"
+    if not expected:  # an index copied away from its features: the manifest is what we have
+        expected = {c: sum(s["count"] for s in e["shards"]) for c, e in manifest["categories"].items()}
+        result["counts_checked_against"] = "manifest"
+    counts = index.counts()
+    result["counts"] = counts
+    if counts != expected:
+        fail(f"counts: index has {counts}, features have {expected}")
+    dupes = index.directory.duplicates()
+    if dupes:
+        fail(f"duplicates: product_ids indexed twice in one category: {dupes}")
+    rec = recall(index, cfg.sample, np.random.default_rng(seed))
+    result.update(recall_at_10=rec["recall_at_10"], self_hit_rate=rec["self_hit_rate"], sample=rec["sample"],
+                  per_category=rec["per_category"])
+    if rec["sample"] == 0:
+        fail("recall: the index has no category with two or more items")
+    elif rec["recall_at_10"] < cfg.min_recall_at_10:
+        fail(f"recall@10 {rec['recall_at_10']:.4f} < threshold {cfg.min_recall_at_10} "
+             f"(raise index.n_trees or index.search_k)")
+    if rec["sample"] and rec["self_hit_rate"] < 0.99:
+        fail(f"self-query: only {rec['self_hit_rate']:.2%} of sampled items find themselves")
 
 
 def parse_uri(uri: str) -> tuple[str, str, str | None]:
