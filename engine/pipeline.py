@@ -167,7 +167,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
             manifest = _consume(build_dataset(cfg, run_id, device, known, throttle), report, storage, run_id)
             report.data["download"] = download.stats(throttle)
-        report.rate("download_embed_store", report.data["counts"]["processed"])
+        report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]
         counts["removed"] = _removed(storage, mv, manifest)
         counts["indexed"] = manifest.num_rows
