@@ -46,11 +46,22 @@ def check_fits(cfg: Config, cluster_cpus: float) -> None:
             f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
 
 
+def check_reject_ratio(report: dict, ceiling: float) -> None:
+    """Too many rejects means something is wrong upstream (a host down, a bad export): fail the
+    run before anything is indexed or published."""
+    counts = report["counts"]
+    ratio = counts["rejected"] / counts["rows_in"] if counts["rows_in"] else 0.0
+    if ratio > ceiling:
+        top = sorted(report["rejects_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        raise RunFailed(f"{counts['rejected']} of {counts['rows_in']} rows rejected ({ratio:.1%}), above "
+                        f"download.max_reject_ratio={ceiling:g}; nothing published. Top reasons: "
+                        + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
+
+
 def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known: pa.Table, throttle=None):
     """The streaming plan; nothing runs until it is iterated. ``known``: stored features the plan
     may reuse; ``throttle``: the run's download.Throttle actor (the global request rate)."""
     import ray
-
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"

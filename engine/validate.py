@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine import features
 from engine.config import ValidateConfig
 from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, feature_files, merge, version_prefix
 from engine.storage import Storage
