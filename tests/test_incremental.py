@@ -39,7 +39,7 @@ def index_of(cfg, version):
 
 
 def all_ids(loaded):
-    return {pid for cat in loaded.categories.values() for pid in cat.ids}
+    return {pid for shards in loaded.categories.values() for s in shards for pid in s.ids.to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,12 @@ def test_one_percent_change_processes_exactly_the_changed_rows(first_run):
     affected = removed | changed | {sample.product_id(i) for i in new_ids}
     same = 0
     for pid in {r["product_id"] for r in current} - affected:
-        cat, pos1 = v1.locate(pid)
-        _, pos2 = v2.locate(pid)
-        np.testing.assert_array_equal(v1.vector(cat, pos1), v2.vector(cat, pos2))  # reused, not recomputed
-        before = [h["product_id"] for h in v1.search(v1.vector(cat, pos1), 10, [cat], exclude=pid)
+        loc1, loc2 = v1.locate(pid), v2.locate(pid)
+        cat = loc1.category
+        np.testing.assert_array_equal(v1.vector(loc1), v2.vector(loc2))  # reused, not recomputed
+        before = [h["product_id"] for h in v1.search(v1.vector(loc1), 10, [cat], exclude=pid)
                   if h["product_id"] not in affected]
-        after = [h["product_id"] for h in v2.search(v2.vector(cat, pos2), 10, [cat], exclude=pid)
+        after = [h["product_id"] for h in v2.search(v2.vector(loc2), 10, [cat], exclude=pid)
                  if h["product_id"] not in affected]
         n = min(len(before), len(after))
         same += before[:n] == after[:n]
