@@ -5,7 +5,7 @@
 Starts a local loopback Ray cluster (or joins RAY_ADDRESS), builds two index versions of clustered
 synthetic 512-d vectors (engine/synthetic.py; 5 categories; v2 = the same products with moved
 vectors, so its answers differ), publishes v1 and starts the service as ``lookalike serve`` does,
-with two Searcher groups. In the same run it deploys a no-op FastAPI ingress (same replica options)
+with ``--groups`` Searcher groups (0: the ingress searches). In the same run it deploys a no-op FastAPI ingress (same replica options)
 that answers a constant JSON body: the cost of Serve + HTTP + FastAPI alone.
 
 1. ``noop`` then ``similar``: ``--requests`` GETs each, ``--concurrency`` keep-alive client threads,
@@ -179,7 +179,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--per-category", type=int, default=20_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--groups", type=int, default=2, help="searcher groups")
+    ap.add_argument("--groups", type=int, default=0, help="searcher groups (0: the ingress searches, the local default)")
     args = ap.parse_args()
 
     os.environ.update(raycluster.loopback_env())

@@ -178,7 +178,8 @@ class ServeConfig(_Section):
     reload_interval_s: float = Field(10.0, gt=0, description="how often replicas look for a newer LATEST")
     encoder_batch_size: int = Field(16, ge=1)
     encoder_batch_wait_s: float = Field(0.005, ge=0)
-    searcher_groups: int = Field(1, ge=1, description="Searcher deployments; an index's shards are spread over them")
+    searcher_groups: int = Field(1, ge=0, description="Searcher deployments; an index's shards are spread over "
+                                 "them; 0: the ingress searches them itself (one machine, no extra hop)")
     searcher_replicas: int = Field(1, ge=1, description="replicas per Searcher deployment")
     searcher_threads: int = Field(4, ge=1, description="Annoy queries in flight per Searcher replica")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, ingress and searchers")

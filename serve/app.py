@@ -35,7 +35,7 @@ from engine.config import Config, ConfigError, EmbedConfig, ServeConfig
 from engine.embed import Embedder
 from engine.index import Directory, Location, merge, read_manifest, summary
 from engine.storage import Storage, gcs_options
-from serve.searcher import Searcher, assign
+from serve.searcher import Searcher, ShardGroup, assign
 
 log = logging.getLogger("lookalike.serve")
 PREPARE_TIMEOUT_S = 1800.0  # loading and checking a multi-GB version from object storage takes minutes
@@ -173,8 +173,9 @@ class Swapper:
         if manifest["dim"] != self.cfg.embed.dim:
             raise RuntimeError(f"index dim {manifest['dim']} differs from embed.dim {self.cfg.embed.dim}")
         directory = Directory.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)
-        calls = [h.prepare.remote(version) for h in self.searchers]
-        answers = [c.result(timeout_s=PREPARE_TIMEOUT_S) for c in calls]
+        calls = [h.prepare_now(version) if isinstance(h, ShardGroup) else h.prepare.remote(version)
+                 for h in self.searchers]
+        answers = [c if isinstance(c, dict) else c.result(timeout_s=PREPARE_TIMEOUT_S) for c in calls]
         bad = [a for a in answers if not a["ok"]]
         if bad:
             raise RuntimeError("; ".join(f"searcher group {a['group']}: {a['error']}" for a in bad))
@@ -206,9 +207,9 @@ def _categories(routing: Routing, category: str | None) -> list[str] | None:
 class SearchAPI:
     def __init__(self, encoder, searchers: list, cfg: dict, auth_sha256: str | None = None):
         self.cfg = Config.model_validate(cfg)
-        self.encoder, self.searchers = encoder, searchers
+        self.encoder, self.searchers = encoder, searchers or [ShardGroup(self.cfg, 0, 1)]
         self.auth_sha256 = auth_sha256
-        self.swapper = Swapper(self.cfg, searchers)
+        self.swapper = Swapper(self.cfg, self.searchers)
 
     # -- request plumbing
 
@@ -239,6 +240,10 @@ class SearchAPI:
             raise ApiError(400, f"k must be between 1 and {self.cfg.serve.max_k}, got {k}")
         return k
 
+    def _search(self, group: int):
+        searcher = self.searchers[group]
+        return searcher.search if isinstance(searcher, ShardGroup) else searcher.search.remote
+
     async def _fan_out(self, routing: Routing, categories: list[str], n: int, vector=None,
                        location: Location | None = None) -> list:
         """Per-shard hits for ``categories``, every searcher asked for ``routing.version`` only."""
@@ -246,7 +251,7 @@ class SearchAPI:
         answers = []
         if location is not None:
             owner = routing.owner[(location.category, location.shard)]
-            first = await self.searchers[owner].search.remote(
+            first = await self._search(owner)(
                 routing.version, categories if owner in groups else [], n,
                 location=(location.category, location.shard, location.position))
             answers.append(first)
@@ -254,7 +259,7 @@ class SearchAPI:
             groups = [g for g in groups if g != owner]
         if groups:
             vector = np.asarray(vector, np.float32).tolist()
-            answers += await asyncio.gather(*[self.searchers[g].search.remote(routing.version, categories, n, vector=vector)
+            answers += await asyncio.gather(*[self._search(g)(routing.version, categories, n, vector=vector)
                                               for g in groups])
         mixed = {a["version"] for a in answers} - {routing.version}
         if mixed:  # searchers answer from the version asked for; this would be a bug, never a silent mix
@@ -281,7 +286,7 @@ class SearchAPI:
         routing = self._routing()
         state = self.swapper.state()
         return {**summary(routing.manifest), "swapped_at": self.swapper.swapped_at,
-                "searcher_groups": len(self.searchers), **state,
+                "searcher_groups": self.cfg.serve.searcher_groups, **state,
                 "last_error": state["refused"]["reason"] if state.get("refused") else None}
 
     @api.get("/similar/{product_id}")

@@ -131,12 +131,15 @@ class VersionStore:
         return dropped
 
 
-@serve.deployment(name="Searcher")
-class Searcher:
-    """One group of shards. Methods take the index version to answer from, and answer from it or fail."""
+class ShardGroup:
+    """One group of shards. Methods take the index version to answer from, and answer from it or fail.
 
-    def __init__(self, cfg: dict, group: int, groups: int):
-        self.cfg = Config.model_validate(cfg)
+    Runs as a ``Searcher`` deployment, or inside the ingress when ``serve.searcher_groups`` is 0
+    (one machine, an index that fits one process: no extra hop per query).
+    """
+
+    def __init__(self, cfg: Config, group: int, groups: int):
+        self.cfg = cfg
         serve_cfg = self.cfg.serve
         self.group = group
         self.store = VersionStore(Storage.from_config(self.cfg.storage), self.cfg.embed.model_version, group, groups,
@@ -164,8 +167,11 @@ class Searcher:
 
     async def prepare(self, version: str) -> dict:
         """Load and check ``version`` beside what is served now; says whether it can be switched to."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.prepare_now, version)
+
+    def prepare_now(self, version: str) -> dict:
         try:
-            index = await asyncio.get_running_loop().run_in_executor(None, self.store.load, version)
+            index = self.store.load(version)
         except IndexLoadError as exc:
             return {"ok": False, "group": self.group, "version": version, "error": str(exc)}
         return {"ok": True, "group": self.group, "version": version,
@@ -202,3 +208,9 @@ class Searcher:
     def loaded(self) -> dict:
         return {"group": self.group, "loaded": sorted(self.store.loaded), "latest": self.latest,
                 "refused": {v: r for v, (_, r) in self.store.failed.items()}}
+
+
+@serve.deployment(name="Searcher")
+class Searcher(ShardGroup):
+    def __init__(self, cfg: dict, group: int, groups: int):
+        super().__init__(Config.model_validate(cfg), group, groups)
