@@ -34,7 +34,7 @@ def test_run_twice_publishes_two_versions_and_latest_points_at_the_second(ray_cl
     v2 = publish.latest(Storage(str(tmp_path)), MV)
     assert v1 and v2 and v1 < v2
     assert publish.versions(Storage(str(tmp_path)), MV) == [v1, v2]
-    assert f"PUBLISHED" in second.stdout and f"published {v2}" in second.stdout
+    assert "PUBLISHED" in second.stdout and f"published {v2}" in second.stdout
     assert "rows 80: ok 80, rejected 0" in first.stdout
     assert "rows 80: ok 0, rejected 0, reused 80" in second.stdout  # incremental: nothing changed
 

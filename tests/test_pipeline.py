@@ -1,6 +1,5 @@
 """The pipeline end to end on a real local Ray cluster, real images, real weights."""
 import collections
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
