@@ -123,7 +123,11 @@ class EmbedConfig(_Section):
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, gt=0, le=1)
-    threads: int = Field(0, ge=0, description="torch CPU threads per actor; 0 = all cores of the node")
+    threads: int = Field(0, ge=0, description="CPU threads per actor; 0 = all cores of the node")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: onnxruntime on CPU (3x torch there), torch fp16 + channels_last on CUDA")
+    cache_dir: Optional[str] = Field(None, description="where the ONNX export of the weights is kept; "
+                                     "None: ~/.cache/lookalike")
 
 
 class ValidateConfig(_Section):

