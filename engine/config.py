@@ -109,7 +109,14 @@ class DownloadConfig(_Section):
 
 
 class DetectConfig(_Section):
-    detector: Literal["none"] = "none"
+    """Objects in query photos (POST /search). Catalog images are single-product shots and are
+    embedded whole, with the catalog's category."""
+    detector: str = Field("none", description="none | shipped (engine/weights/detector-outfits-v1.pt) | "
+                          "path or gs:// URI of detector weights (python -m engine.detector train)")
+    score_threshold: float = Field(0.3, ge=0, le=1)
+    max_objects: int = Field(10, ge=1, le=100)
+    box_padding: float = Field(0.05, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    threads: int = Field(0, ge=0, description="CPU threads of the detector; 0 = all cores")
 
 
 class EmbedConfig(_Section):
@@ -268,9 +275,11 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
 
 def _resolve_paths(data: dict, where: Path) -> dict:
     """Relative local paths in a config file are relative to that file, not the shell's cwd."""
-    for section, key in (("source", "path"), ("storage", "root"), ("embed", "weights"), ("serve", "cache_dir")):
+    for section, key in (("source", "path"), ("storage", "root"), ("embed", "weights"), ("serve", "cache_dir"),
+                         ("embed", "cache_dir"), ("detect", "detector")):
         value = (data.get(section) or {}).get(key)
-        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        if (isinstance(value, str) and value and "://" not in value and not os.path.isabs(value)
+                and not (section == "detect" and value in ("none", "shipped"))):
             data[section][key] = str((where / value).resolve())
     return data
 

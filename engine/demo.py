@@ -88,6 +88,25 @@ def picture(path: Path, answers: dict[str, list[dict]], labels: dict[str, str], 
     return path
 
 
+def outfit_query(base: str, out_dir: Path, labels: dict[str, str], seed: int = 7) -> dict:
+    """One photo of several items the detector never saw in training, through POST /search."""
+    from engine import outfits
+
+    img, boxes, cats = outfits.dataset(1, seed, held_out=True)[0]
+    path = out_dir / "outfit-query.png"
+    img.save(path)
+    answer = upload_example(base, str(path))
+    truth = ", ".join(f"{outfits.CLASSES[c - 1]} {[int(v) for v in b]}" for b, c in zip(boxes, cats))
+    print(f"POST /search with an outfit photo ({path}); in it: {truth}")
+    for o in answer["objects"]:
+        where = f"{o['category']} at {[int(v) for v in o['box']]}" + (f" ({o['score']:.2f})" if o["score"] else "")
+        print(f"  {where}: " + ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})"
+                                        for r in o["results"][:3]))
+    return {"objects_in_photo": len(cats), "categories_in_photo": sorted(outfits.CLASSES[c - 1] for c in cats),
+            "objects_found": answer["detected"],
+            "categories_found": sorted(o["category"] for o in answer["objects"] if o["score"] is not None)}
+
+
 def upload_example(base: str, image_path: str) -> dict:
     boundary = "lookalike-demo-boundary"
     data = Path(image_path).read_bytes()
@@ -137,13 +156,14 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
         top = upload["objects"][0]["results"]
         print(f"POST /search with {shown[0]}'s image ({labels[shown[0]]}): " +
               ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})" for r in top))
+        outfit = outfit_query(base, Path(catalog_path).parent, labels) if cfg.detect.detector != "none" else None
         result = {
             "products": products, "rows": rep["counts"]["rows_in"], "indexed": rep["counts"]["ok"],
             "rejected": rep["counts"]["rejected"], "categories": rep["categories"],
             "queries": len(query_ids), "precision_at_10": round(precision, 4),
             "index_version": rep["index_version"], "model_version": rep["model_version"],
             "device": rep.get("device"), "embed_images_per_s": rep["stages"]["download_embed_store"].get("items_per_s"),
-            "picture": str(png), "service": base, "elapsed_s": round(time.monotonic() - t0, 1),
+            "picture": str(png), "outfit": outfit, "service": base, "elapsed_s": round(time.monotonic() - t0, 1),
         }
         if keep_serving:
             _print_serving(base, query_ids[0])

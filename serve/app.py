@@ -31,7 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import imaging, metrics, publish
-from engine.config import Config, ConfigError, EmbedConfig, ServeConfig
+from engine.config import Config, ConfigError, DetectConfig, EmbedConfig, ServeConfig
 from engine.embed import Embedder
 from engine.index import Directory, Location, merge, read_manifest, summary
 from engine.storage import Storage, gcs_options
@@ -86,14 +86,47 @@ class Encoder:
     """uint8 HWC images -> unit vectors, batched across concurrent requests."""
 
     def __init__(self, embed_cfg: dict, batch_size: int = 16, batch_wait_s: float = 0.005,
-                 storage_options: dict | None = None):
-        self.embedder = Embedder(EmbedConfig.model_validate(embed_cfg), storage_options=storage_options)
+                 storage_options: dict | None = None, detect_cfg: dict | None = None):
+        self.cfg = EmbedConfig.model_validate(embed_cfg)
+        self.embedder = Embedder(self.cfg, storage_options=storage_options)
+        self.detect_cfg = DetectConfig.model_validate(detect_cfg or {})
+        self.detector = None
+        if self.detect_cfg.detector != "none":
+            from engine import detector
+
+            uri = None if self.detect_cfg.detector == "shipped" else self.detect_cfg.detector
+            self.detector = detector.load(uri, storage_options, score_thresh=self.detect_cfg.score_threshold,
+                                          max_objects=self.detect_cfg.max_objects)
         self.embed.set_max_batch_size(batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.embedder(np.stack(images)))
+
+    async def objects(self, image: bytes, size: tuple[int, int]) -> list[dict]:
+        """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), each with the
+        vector of its padded crop; none found: []. Crops are preprocessed like catalog images."""
+        from PIL import Image
+
+        from engine import detector
+
+        img = Image.frombytes("RGB", size, image)
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: detector.detect(self.detector, [img], self.detect_cfg.threads or None)[0])
+        if not found:
+            return []
+        crops = [imaging.preprocess(img.crop(_padded(o["box"], self.detect_cfg.box_padding, img.size)),
+                                    self.cfg.image_size) for o in found]
+        vectors = self.embedder(np.stack(crops))
+        return [{**o, "vector": v} for o, v in zip(found, vectors)]
+
+
+def _padded(box: list[float], padding: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * padding, (y1 - y0) * padding
+    return (max(0, int(x0 - dx)), max(0, int(y0 - dy)), min(size[0], int(round(x1 + dx))),
+            min(size[1], int(round(y1 + dy))))
 
 
 @dataclass(frozen=True)
@@ -318,12 +351,24 @@ class SearchAPI:
         except imaging.ImageRejected as exc:
             status = 413 if exc.reason == "too_many_pixels" else 415
             raise ApiError(status, f"not a usable image ({exc.reason}): {exc.detail}") from None
-        pixels = imaging.preprocess(img, self.cfg.embed.image_size)
-        vector = await self.encoder.embed.remote(pixels)
-        parts = await self._fan_out(routing, cats or sorted(routing.groups_of), k, vector=vector)
-        obj = {"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
-               "score": 1.0, "results": merge(parts, k)}
-        return {"index_version": routing.version, "objects": [obj]}
+        detected = []
+        if self.cfg.detect.detector != "none" and not cats:
+            rgb = img.convert("RGB")
+            detected = await self.encoder.objects.remote(rgb.tobytes(), rgb.size)
+        objects = []
+        for o in detected:  # each object in its own category's index
+            if o["category"] in routing.groups_of:
+                parts = await self._fan_out(routing, [o["category"]], k, vector=o["vector"])
+                objects.append({"category": o["category"], "box": o["box"], "score": o["score"],
+                                "results": merge(parts, k)})
+        if not objects:  # no detector, a category filter, or nothing found: the whole image
+            pixels = imaging.preprocess(img, self.cfg.embed.image_size)
+            vector = await self.encoder.embed.remote(pixels)
+            parts = await self._fan_out(routing, cats or sorted(routing.groups_of), k, vector=vector)
+            objects.append({"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
+                            "score": None, "results": merge(parts, k)})
+        return {"index_version": routing.version, "detector": self.cfg.detect.detector,
+                "detected": len(detected), "objects": objects}
 
     async def _upload(self, request: Request) -> bytes:
         limit = self.cfg.serve.max_upload_bytes
@@ -360,9 +405,13 @@ def auth_digest(serve_cfg: ServeConfig) -> str | None:
 def build_app(cfg: Config):
     """The Serve application for ``serve.run``; replicas get plain dicts (picklable, re-validated)."""
     s = cfg.serve
+    uri = cfg.detect.detector
+    if uri not in ("none", "shipped") and "://" not in uri and not os.path.exists(uri):
+        raise ConfigError(f"detect.detector: no such file {uri!r} (none, shipped, a path or a gs:// URI)")
     opts = {"num_cpus": s.replica_cpus}
     encoder = Encoder.options(ray_actor_options=opts).bind(cfg.embed.model_dump(), s.encoder_batch_size,
-                                                           s.encoder_batch_wait_s, gcs_options(cfg.storage))
+                                                           s.encoder_batch_wait_s, gcs_options(cfg.storage),
+                                                           cfg.detect.model_dump())
     searchers = [Searcher.options(name=f"Searcher{g}", num_replicas=s.searcher_replicas,
                                   max_ongoing_requests=s.max_ongoing_requests, ray_actor_options=opts)
                  .bind(cfg.to_dict(), g, s.searcher_groups) for g in range(s.searcher_groups)]

@@ -21,6 +21,9 @@ def test_demo_end_to_end(ray_cluster, tmp_path, capsys):
     assert last["queries"] == 300 and last["precision_at_10"] >= 0.65
     assert last["service"] == f"http://127.0.0.1:{port}" and last["elapsed_s"] > 0
     assert "neighbours" in out and "POST /search" in out
+    outfit = last["outfit"]  # one photo of several unseen items through the detector
+    assert outfit["objects_found"] >= outfit["objects_in_photo"] >= 2
+    assert set(outfit["categories_in_photo"]) <= set(outfit["categories_found"])
     with Image.open(last["picture"]) as img:
         assert img.format == "PNG" and img.height > 5 * 96
     with socket.socket() as s:  # the demo stopped the service it started

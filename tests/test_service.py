@@ -24,7 +24,7 @@ def service(published, sample_catalog):
                                                                        "max_upload_bytes": 300_000})})
     base = app.start(cfg)
     yield base, cfg, rep
-    serve.delete("lookalike")
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,41 @@ def test_search_by_uploaded_image_finds_the_product(service, catalog):
     data = image_bytes(catalog, pid)
     status, body = call("POST", f"{base}/search?k=5", data, {"Content-Type": "image/png"})
     assert status == 200, body
-    (obj,) = body["objects"]
-    assert obj["box"] == [0, 0, 112, 112]
-    assert obj["results"][0]["product_id"] == pid and obj["results"][0]["score"] > 0.999
-    assert obj["results"][0]["category"] == "bottoms"
+    obj = body["objects"][0]  # the detector's best object: the trousers, searched among bottoms
+    assert body["detected"] >= 1 and obj["category"] == "bottoms" and obj["score"] >= cfg.detect.score_threshold
+    x0, y0, x1, y1 = obj["box"]
+    assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112 and (x1 - x0) * (y1 - y0) > 0.2 * 112 * 112
+    assert obj["results"][0]["product_id"] == pid and {r["category"] for r in obj["results"]} == {"bottoms"}
+    # the whole photo when asked for a category: the stored vector itself
+    status, body = call("POST", f"{base}/search?k=5&category=bottoms", data, {"Content-Type": "image/png"})
+    (whole,) = body["objects"]
+    assert whole["box"] == [0, 0, 112, 112] and whole["score"] is None
+    assert whole["results"][0]["product_id"] == pid and whole["results"][0]["score"] > 0.999
     # multipart, limited to one category
     answer = demo.upload_example(base, urllib.request.url2pathname(
         urllib.parse.urlparse(catalog[pid]["image_url"]).path))
     assert answer["objects"][0]["results"][0]["product_id"] == pid
+
+
+def test_search_finds_each_object_of_an_outfit_photo(service):
+    """A photo of items the detector never saw: each found in place, searched in its own category."""
+    from engine import detector, outfits
+
+    base, cfg, rep = service
+    img, boxes, labels = outfits.dataset(1, seed=4, held_out=True)[0]
+    assert len(labels) >= 2
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    status, body = call("POST", f"{base}/search?k=5", buf.getvalue(), {"Content-Type": "image/png"})
+    assert status == 200 and body["detected"] >= len(labels), body
+    for box, label in zip(boxes, labels):
+        name = outfits.CLASSES[label - 1]
+        mine = [o for o in body["objects"] if o["category"] == name]
+        assert mine, (name, body["objects"])
+        ious = detector._box_iou(np.asarray([box]), np.asarray([o["box"] for o in mine], np.float32))[0]
+        best = mine[int(ious.argmax())]
+        assert ious.max() >= 0.5 and len(best["results"]) == 5
+        assert {r["category"] for r in best["results"]} == {name}
 
 
 def test_search_matches_the_pipeline_vector(service, catalog, published):
