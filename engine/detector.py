@@ -10,7 +10,6 @@ weights file holds just the trained part (about 1 MB), and CPU training takes mi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -90,14 +89,10 @@ def trained_state(model) -> "OrderedDict":
 
 def load(uri: str | os.PathLike | None = None, storage_options: dict | None = None, **kw):
     """A detector ready for inference; ``uri``: a path or gs:// URI of ``trained_state`` (None: shipped)."""
-    import torch
-
-    from engine.storage import fs_for
+    from engine.embed import load_state_dict
 
     model = build_model(**kw)
-    fs, path = fs_for(str(uri or SHIPPED), storage_options)
-    with fs.open(path, "rb") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    state = load_state_dict(str(uri or SHIPPED), storage_options)
     missing, unexpected = model.load_state_dict(state, strict=False)
     wrong = [k for k in missing if not k.startswith("backbone.net.")] + list(unexpected)
     if wrong:

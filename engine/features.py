@@ -83,19 +83,16 @@ def _run_categories(storage: Storage, model_version: str, run_id: str) -> list[s
     return [n.split("=", 1)[1] for n in names if n.startswith("category=")]
 
 
-def _read_run_category(storage, model_version, run_id, category, columns) -> pa.Table:
+def _run_files(storage: Storage, model_version: str, run_id: str, category: str) -> list[str]:
     folder = storage.path(*run_prefix(model_version, run_id), f"category={category}")
-    files = _shards(storage, folder) if storage.fs.exists(folder) else []
-    tables = [pq.read_table(f, columns=list(columns), filesystem=storage.fs) for f in files]
-    return pa.concat_tables(tables, promote_options="default") if tables else None
+    return _shards(storage, folder) if storage.fs.exists(folder) else []
 
 
 def read_run_keys(storage: Storage, model_version: str, run_id: str) -> pa.Table:
     """(product_id, content_key, category, source_run) of a run's committed shards (no vectors)."""
     tables = []
     for cat in _run_categories(storage, model_version, run_id):
-        folder = storage.path(*run_prefix(model_version, run_id), f"category={cat}")
-        for f in _shards(storage, folder):
+        for f in _run_files(storage, model_version, run_id, cat):
             names = pq.ParquetFile(f, filesystem=storage.fs).schema_arrow.names
             if "content_key" not in names:
                 continue
@@ -114,35 +111,52 @@ def categories(storage: Storage, model_version: str, run_id: str) -> list[str]:
     return _run_categories(storage, model_version, run_id)
 
 
-def read_category(storage: Storage, model_version: str, run_id: str, category: str,
-                  columns=("product_id", "vector")) -> pa.Table:
-    """A category's (product_id, vector, ...) for ``run_id``'s feature set.
+def shard_rows(storage: Storage, model_version: str, run_id: str) -> dict[str, list[tuple[str, list | None]]]:
+    """The feature set of ``run_id`` per category, as (shard file, rows) pairs.
 
-    With a manifest (incremental runs), features are gathered from every run the manifest
-    names, one row per product whose stored content key matches; else the run's own shards.
+    ``rows`` is None for "every row" (a run without a product manifest), else the positions in
+    the file that belong to the set: incremental runs reuse features that earlier runs stored,
+    so the product manifest names, per product, the run whose shard holds its vector. Only
+    product_id and content_key are read here, never vectors.
     """
     manifest = read_manifest(storage, model_version, run_id)
     if manifest is None:
-        table = _read_run_category(storage, model_version, run_id, category, columns)
-        return table if table is not None else pa.table({c: [] for c in columns})
-    wanted = manifest.filter(pc.equal(manifest.column("category"), category))
-    cols = list(dict.fromkeys([*columns, "product_id", "content_key"]))
+        return {cat: [(f, None) for f in _run_files(storage, model_version, run_id, cat)]
+                for cat in _run_categories(storage, model_version, run_id)}
+    out = {}
+    for category in sorted(pc.unique(manifest.column("category")).to_pylist()):
+        wanted = manifest.filter(pc.equal(manifest.column("category"), category))
+        want = set(zip(wanted.column("product_id").to_pylist(), wanted.column("content_key").to_pylist()))
+        seen, files = set(), []
+        for source in sorted(pc.unique(wanted.column("source_run")).to_pylist()):
+            paths = _run_files(storage, model_version, source, category)
+            if not paths:
+                raise FileNotFoundError(f"features of run {source} for category {category} are missing")
+            for path in paths:
+                keys = pq.read_table(path, columns=["product_id", "content_key"], filesystem=storage.fs)
+                rows = []
+                for i, key in enumerate(zip(keys.column("product_id").to_pylist(),
+                                            keys.column("content_key").to_pylist())):
+                    if key in want and key[0] not in seen:
+                        seen.add(key[0])
+                        rows.append(i)
+                if rows:
+                    files.append((path, rows))
+        if len(seen) != wanted.num_rows:
+            raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
+                             f"{len(seen)} have stored features")
+        out[category] = files
+    return out
+
+
+def read_category(storage: Storage, model_version: str, run_id: str, category: str,
+                  columns=("product_id", "vector")) -> pa.Table:
+    """A category's (product_id, vector, ...) for ``run_id``'s feature set (see ``shard_rows``)."""
     parts = []
-    for source in pc.unique(wanted.column("source_run")).to_pylist():
-        rows = wanted.filter(pc.equal(wanted.column("source_run"), source))
-        table = _read_run_category(storage, model_version, source, category, cols)
-        if table is None:
-            raise FileNotFoundError(f"features of run {source} for category {category} are missing")
-        keys = pc.binary_join_element_wise(table.column("product_id"), table.column("content_key"), "\x00")
-        want = pc.binary_join_element_wise(rows.column("product_id"), rows.column("content_key"), "\x00")
-        parts.append(table.filter(pc.is_in(keys, value_set=want)))
-    table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in cols})
-    _, first = np.unique(np.asarray(table.column("product_id").to_pylist(), dtype=object), return_index=True)
-    table = table.take(pa.array(np.sort(first), pa.int64())) if len(first) != table.num_rows else table
-    if table.num_rows != wanted.num_rows:
-        raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
-                         f"{table.num_rows} have stored features")
-    return table.select(list(columns))
+    for path, rows in shard_rows(storage, model_version, run_id).get(category, []):
+        table = pq.read_table(path, columns=list(columns), filesystem=storage.fs)
+        parts.append(table if rows is None else table.take(pa.array(rows, pa.int64())))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in columns})
 
 
 def counts(storage: Storage, model_version: str, run_id: str) -> dict[str, int]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import features
@@ -84,52 +83,6 @@ def shard_memory_bytes(count: int, dim: int, n_trees: int, metric: str) -> int:
     vectors = count * dim * 4
     ids = count * 64
     return int(vectors + ids + 1.5 * index_bytes(count, dim, n_trees, metric) + BUILD_HEADROOM)
-
-
-def feature_files(storage: Storage, model_version: str, run_id: str) -> dict[str, list[tuple[str, list | None]]]:
-    """The feature shards of ``run_id``'s feature set per category, as (file, rows) pairs.
-
-    ``rows`` is None for "every row" (a run without a product manifest), else the positions in
-    the file that belong to the set: incremental runs reuse features that earlier runs stored,
-    so the product manifest names, per product, the run whose shard holds its vector. Only
-    product_id and content_key are read here, never vectors.
-    """
-    manifest = features.read_manifest(storage, model_version, run_id)
-    if manifest is None:
-        return {cat: [(f, None) for f in _shard_files(storage, model_version, run_id, cat)]
-                for cat in features.categories(storage, model_version, run_id)}
-    out = {}
-    for category in sorted(pc.unique(manifest.column("category")).to_pylist()):
-        wanted = manifest.filter(pc.equal(manifest.column("category"), category))
-        want = set(zip(wanted.column("product_id").to_pylist(), wanted.column("content_key").to_pylist()))
-        seen, files = set(), []
-        for source in sorted(pc.unique(wanted.column("source_run")).to_pylist()):
-            paths = _shard_files(storage, model_version, source, category)
-            if not paths:
-                raise FileNotFoundError(f"features of run {source} for category {category} are missing")
-            for path in paths:
-                keys = pq.read_table(path, columns=["product_id", "content_key"], filesystem=storage.fs)
-                rows = []
-                for i, key in enumerate(zip(keys.column("product_id").to_pylist(),
-                                            keys.column("content_key").to_pylist())):
-                    if key in want and key[0] not in seen:
-                        seen.add(key[0])
-                        rows.append(i)
-                if rows:
-                    files.append((path, rows))
-        if len(seen) != wanted.num_rows:
-            raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
-                             f"{len(seen)} have stored features")
-        out[category] = files
-    return out
-
-
-def _shard_files(storage: Storage, model_version: str, run_id: str, category: str) -> list[str]:
-    folder = storage.path(*features.run_prefix(model_version, run_id), f"category={category}")
-    if not storage.fs.exists(folder):
-        return []
-    return sorted(f for f in storage.fs.ls(folder, detail=False)
-                  if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
 
 
 def _vector_dim(schema: pa.Schema, path: str) -> int:
@@ -300,7 +253,7 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
 
 def build(root: str, model_version: str, run_id: str, index_version: str, cfg: IndexConfig) -> dict:
     """Build an index version from one run's feature shards."""
-    files = feature_files(Storage.of(root), model_version, run_id)
+    files = features.shard_rows(Storage.of(root), model_version, run_id)
     return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id)
 
 

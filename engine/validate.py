@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from engine import features
 from engine.config import ValidateConfig
-from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, feature_files, merge, version_prefix
+from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, merge, version_prefix
 from engine.storage import Storage
 
 K = 10
@@ -31,7 +31,7 @@ def feature_counts(storage: Storage, model_version: str, run_id: str) -> dict[st
     if counts:
         return counts
     return {cat: sum(pq.ParquetFile(f, filesystem=storage.fs).metadata.num_rows for f, _ in files)
-            for cat, files in feature_files(storage, model_version, run_id).items()}
+            for cat, files in features.shard_rows(storage, model_version, run_id).items()}
 
 
 def _exact_scores(vecs: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
