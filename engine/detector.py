@@ -112,8 +112,9 @@ def detect(model, images: list, threads: int | None = None) -> list[list[dict]]:
 
     if threads:
         torch.set_num_threads(threads)
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        outs = model([_tensor(im) for im in images])
+        outs = model([_tensor(im).to(device) for im in images])
     return [[{"category": outfits.CLASSES[int(l) - 1], "box": [round(float(v), 1) for v in b], "score": round(float(s), 4)}
              for b, l, s in zip(o["boxes"], o["labels"], o["scores"])] for o in outs]
 

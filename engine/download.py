@@ -45,7 +45,8 @@ CATEGORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.&'+-]{0,63}$")
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
 RESULT_FIELDS = [pa.field("status", pa.string()), pa.field("reason", pa.string()),
-                 pa.field("detail", pa.string()), pa.field("pixels", pa.binary())]
+                 pa.field("detail", pa.string()), pa.field("pixels", pa.binary()),
+                 pa.field("width", pa.int32()), pa.field("height", pa.int32())]
 LATE_S = 0.03            # a slot used later than this is discarded: see the module docstring
 HEADROOM = 0.03          # the schedule runs this much below max_rps: (1 - 0.03) * (1 + 0.03) < 1
 LEASE_HORIZON_S = 0.25   # slots are handed out at most this far ahead
@@ -347,8 +348,9 @@ class Fetcher:
     Plain asyncio; the Ray Data actor below wraps it, tests drive it directly.
     """
 
-    def __init__(self, cfg: DownloadConfig, lease=None, image_size: int = 224, storage_options: dict | None = None):
-        self.cfg, self.size = cfg, image_size
+    def __init__(self, cfg: DownloadConfig, lease=None, image_size: int = 224, storage_options: dict | None = None,
+                 full_size: int | None = None):
+        self.cfg, self.size, self.full_size = cfg, image_size, full_size
         self.storage_options = storage_options  # GCS endpoint/credentials for gs:// image URLs
         self.rate = RateGate(lease) if lease is not None else None
         self.share = max(1, cfg.per_host_concurrency // cfg.actors)
@@ -401,22 +403,29 @@ class Fetcher:
         return {k: v for k, v in out.items() if v}
 
     async def process(self, row: dict) -> tuple:
-        """One catalog row -> (status, reason, detail, pixels)."""
+        """One catalog row -> (status, reason, detail, pixels, width, height).
+
+        Pixels are the model-ready square, or with ``full_size`` the whole image fitted into
+        ``full_size`` (for the detect stage, which cuts its crops from it)."""
         bad = check_row(row)
         if bad:
-            return ("rejected", *bad, b"")
+            return ("rejected", *bad, b"", 0, 0)
         try:
             data = await self.fetch(row["image_url"])
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                self.decoders, imaging.prepare, data, self.size, self.cfg.max_pixels)
+            pixels = await asyncio.get_running_loop().run_in_executor(self.decoders, self._decode, data)
         except (FetchError, imaging.ImageRejected) as exc:
-            return ("rejected", exc.reason, exc.detail, b"")
+            return ("rejected", exc.reason, exc.detail, b"", 0, 0)
         except ThrottleLost:
             raise
         except Exception as exc:  # noqa: BLE001 -- a bug must not lose the row; the reject ratio shows it
             log.exception("download: unexpected error for %s", row["image_url"])
-            return ("rejected", "internal_error", f"{type(exc).__name__}: {exc}"[:300], b"")
-        return ("ok", None, None, pixels.tobytes())
+            return ("rejected", "internal_error", f"{type(exc).__name__}: {exc}"[:300], b"", 0, 0)
+        return ("ok", None, None, pixels.tobytes(), pixels.shape[1], pixels.shape[0])
+
+    def _decode(self, data: bytes):
+        if self.full_size:
+            return imaging.fit(imaging.decode(data, self.cfg.max_pixels), self.full_size)
+        return imaging.prepare(data, self.size, self.cfg.max_pixels)
 
     async def fetch(self, url: str) -> bytes:
         """The body at ``url``, after retries and redirects, or the last attempt's FetchError."""
@@ -538,20 +547,24 @@ class Fetcher:
 
 # --- the Ray Data stage -----------------------------------------------------------------------
 
-REUSE = "reuse"  # engine.plan.REUSE (not imported: plan imports the feature store, which this stage must not)
+REUSE, DUPLICATE = "reuse", "duplicate"  # engine.plan's (not imported: plan imports the feature store)
 
 
-async def _reused() -> tuple:
-    return ("reused", None, None, b"")
+async def _planned(action: str, note: str | None) -> tuple:
+    """Rows the plan settled: reused features (nothing to fetch) or a duplicate product_id."""
+    if action == DUPLICATE:
+        return ("rejected", "duplicate_product_id", note, b"", 0, 0)
+    return ("reused", None, None, b"", 0, 0)
 
 
 class DownloadStage:
     """Ray Data actor. ``__call__`` is async: Ray Data runs it on one event loop per actor, with
     several batches (and several blocks, CALLS_PER_ACTOR) in flight, so slow rows overlap."""
 
-    def __init__(self, cfg: dict, image_size: int, throttle=None, storage_options: dict | None = None):
+    def __init__(self, cfg: dict, image_size: int, throttle=None, storage_options: dict | None = None,
+                 full_size: int | None = None):
         self.cfg = DownloadConfig.model_validate(cfg)
-        self.size = image_size
+        self.size, self.full_size = image_size, full_size
         self.storage_options = storage_options
         self.throttle = throttle
         self.fetcher: Fetcher | None = None
@@ -559,25 +572,30 @@ class DownloadStage:
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.fetcher is None:
             lease = ray_lease(self.throttle) if self.throttle is not None and self.cfg.max_rps else None
-            self.fetcher = Fetcher(self.cfg, lease, self.size, self.storage_options)
+            self.fetcher = Fetcher(self.cfg, lease, self.size, self.storage_options, self.full_size)
         batch = normalise(batch)
         rows = batch.select(list(CATALOG_FIELDS)).to_pylist()
         # rows the run plan reuses (engine.plan) keep their stored features: nothing to fetch
         actions = batch.column("action").to_pylist() if "action" in batch.column_names else [None] * len(rows)
-        results = await asyncio.gather(*(_reused() if a == REUSE else self.fetcher.process(r)
-                                         for r, a in zip(rows, actions)))
+        notes = batch.column("note").to_pylist() if "note" in batch.column_names else [None] * len(rows)
+        results = await asyncio.gather(*(_planned(a, n) if a in (REUSE, DUPLICATE) else self.fetcher.process(r)
+                                         for r, a, n in zip(rows, actions, notes)))
         if self.throttle is not None:
             counts = self.fetcher.take_counts()
-            counts.update(rows=sum(a != REUSE for a in actions), ok=sum(r[0] == "ok" for r in results))
+            counts.update(rows=sum(a not in (REUSE, DUPLICATE) for a in actions), ok=sum(r[0] == "ok" for r in results))
             await self.throttle.record.remote(counts)
+        if "note" in batch.column_names:
+            batch = batch.drop_columns(["note"])
         for i, field in enumerate(RESULT_FIELDS):
             batch = batch.append_column(field, pa.array([r[i] for r in results], field.type))
         return batch
 
 
-def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor, storage_options: dict | None = None):
+def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor, storage_options: dict | None = None,
+          full_size: int | None = None):
     """Add the download stage to a Ray Dataset: a fixed pool of ``cfg.actors`` actors, sharing
-    ``throttle_actor`` (from ``throttle(cfg)``) for the global rate cap and the run's counters."""
+    ``throttle_actor`` (from ``throttle(cfg)``) for the global rate cap and the run's counters.
+    ``full_size``: emit whole images fitted into it (a detect stage follows) instead of model input."""
     from ray.data import ActorPoolStrategy
 
     if cfg.max_rps and throttle_actor is None:
@@ -586,7 +604,8 @@ def apply(ds, cfg: DownloadConfig, image_size: int, throttle_actor, storage_opti
 
     return ds.map_batches(
         DownloadStage, fn_constructor_kwargs={"cfg": cfg.model_dump(), "image_size": image_size,
-                                              "throttle": throttle_actor, "storage_options": storage_options},
+                                              "throttle": throttle_actor, "storage_options": storage_options,
+                                              "full_size": full_size},
         batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
         num_cpus=cfg.cpus_per_actor)

@@ -180,23 +180,25 @@ def vector_type(dim: int) -> pa.DataType:
 
 
 class EmbedStage:
-    """Ray Data actor: rows with ``pixels`` -> rows with ``vector``; rejected rows pass through."""
+    """Ray Data actor: rows with ``pixels`` -> rows with ``vector``, each by its category's model
+    (``embed.categories``); rejected and reused rows pass through with a null vector."""
 
     def __init__(self, cfg: dict, device: str, storage_options: dict | None = None):
         self.cfg = EmbedConfig.model_validate(cfg)
-        self.embedder = Embedder(self.cfg, device=device, storage_options=storage_options)
-        log.info("embed actor ready on %s", self.embedder.device)
+        self.embedders = {mv: Embedder(c, device=device, storage_options=storage_options)
+                          for mv, c in self.cfg.models().items()}
+        log.info("embed actor ready on %s with %s", next(iter(self.embedders.values())).device, sorted(self.embedders))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         size, dim = self.cfg.image_size, self.cfg.dim
         ok = np.asarray(batch.column("status").to_pylist()) == "ok"
         pixels = batch.column("pixels").to_pylist()
-        idx = np.flatnonzero(ok)
-        images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in idx]) \
-            if len(idx) else np.zeros((0, size, size, 3), np.uint8)
-        vectors = self.embedder(images)
+        versions = np.asarray([self.cfg.version_of(c) for c in batch.column("category").to_pylist()], object)
         flat = np.zeros((len(ok), dim), np.float32)
-        flat[idx] = vectors
+        for mv, embedder in self.embedders.items():
+            idx = np.flatnonzero(ok & (versions == mv))
+            if len(idx):
+                flat[idx] = embedder(np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in idx]))
         arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), dim)
         mask = pa.array(~ok)
         vec = pc.if_else(mask, pa.nulls(len(ok), arr.type), arr) if (~ok).any() else arr

@@ -16,23 +16,31 @@ import pyarrow.parquet as pq
 
 from engine.storage import Storage
 
-OUTCOME_COLUMNS = ["product_id", "image_url", "category", "status", "reason", "detail",
-                   "content_key", "action", "source_run"]
-MANIFEST_COLUMNS = ["product_id", "image_url", "category", "content_key", "source_run"]
+OUTCOME_COLUMNS = ["product_id", "image_url", "category", "catalog_category", "status", "reason", "detail",
+                   "content_key", "action", "source_run", "row", "object", "objects"]
+MANIFEST_SCHEMA = pa.schema([(c, pa.int32() if c == "objects" else pa.string()) for c in (
+    "product_id", "image_url", "category", "catalog_category", "content_key", "source_run", "model_version",
+    "detect_version", "objects")])
+MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
+DROPPED = ("status", "reason", "detail", "action", "source_run", "row", "object", "width", "height")
 
 
 def run_prefix(model_version: str, run_id: str) -> tuple[str, ...]:
     return ("features", model_version, f"run={run_id}")
 
 
-def write_batch(batch: pa.Table, root: str, model_version: str, run_id: str) -> pa.Table:
-    """Ray Data task: write the batch's ok rows, one shard per category; return every row's outcome."""
+def write_batch(batch: pa.Table, root: str, versions: dict, detect_version: str, run_id: str) -> pa.Table:
+    """Ray Data task: write the batch's ok rows, one shard per category under its model version
+    (``versions``: category -> model version, "" -> the default); return every row's outcome."""
     storage = Storage.of(root)
-    prefix = run_prefix(model_version, run_id)
     ok = batch.filter(pc.equal(batch.column("status"), "ok"))
-    ok = ok.drop_columns([c for c in ("status", "reason", "detail", "action", "source_run") if c in ok.column_names])
+    ok = ok.drop_columns([c for c in DROPPED if c in ok.column_names])
     for category in pc.unique(ok.column("category")).to_pylist():
-        _write(storage, prefix, category, ok.filter(pc.equal(ok.column("category"), category)))
+        mv = versions.get(category, versions[""])
+        rows = ok.filter(pc.equal(ok.column("category"), category))
+        rows = rows.append_column("model_version", pa.array([mv] * rows.num_rows, pa.string()))
+        rows = rows.append_column("detect_version", pa.array([detect_version] * rows.num_rows, pa.string()))
+        _write(storage, run_prefix(mv, run_id), category, rows)
     return batch.select([c for c in OUTCOME_COLUMNS if c in batch.column_names])
 
 
@@ -53,20 +61,34 @@ def manifest_path(model_version: str, index_version: str) -> tuple[str, ...]:
 
 
 def write_manifest(storage: Storage, model_version: str, index_version: str, table: pa.Table) -> None:
-    """The products an index version holds and where each one's features live (run id)."""
+    """The objects an index version holds (one row per product and category) and where each one's
+    features live (model version, run id)."""
     parts = manifest_path(model_version, index_version)
     storage.makedirs(*parts[:-1])
     target = storage.path(*parts)
     tmp = f"{target}.tmp"
-    pq.write_table(table.select(MANIFEST_COLUMNS), tmp, filesystem=storage.fs)
+    pq.write_table(table.select(MANIFEST_COLUMNS).cast(MANIFEST_SCHEMA), tmp, filesystem=storage.fs)
     storage.fs.mv(tmp, target)
+
+
+def _complete(table: pa.Table, model_version: str) -> pa.Table:
+    """Stores written before objects and per-category models: one whole-image object per product."""
+    n = table.num_rows
+    fill = {"catalog_category": lambda: table.column("category"),
+            "model_version": lambda: pa.array([model_version] * n, pa.string()),
+            "detect_version": lambda: pa.array(["whole"] * n, pa.string()),
+            "objects": lambda: pa.array([1] * n, pa.int32())}
+    for name, make in fill.items():
+        if name not in table.column_names:
+            table = table.append_column(name, make())
+    return table
 
 
 def read_manifest(storage: Storage, model_version: str, index_version: str) -> pa.Table | None:
     parts = manifest_path(model_version, index_version)
     if not storage.exists(*parts):
         return None
-    return pq.read_table(storage.path(*parts), filesystem=storage.fs)
+    return _complete(pq.read_table(storage.path(*parts), filesystem=storage.fs), model_version)
 
 
 def runs(storage: Storage, model_version: str) -> list[str]:
@@ -89,18 +111,20 @@ def _run_files(storage: Storage, model_version: str, run_id: str, category: str)
 
 
 def read_run_keys(storage: Storage, model_version: str, run_id: str) -> pa.Table:
-    """(product_id, content_key, category, source_run) of a run's committed shards (no vectors)."""
+    """The plan's state columns of a run's committed shards (no vectors)."""
+    from engine.plan import STATE_SCHEMA, empty_state
+
     tables = []
     for cat in _run_categories(storage, model_version, run_id):
         for f in _run_files(storage, model_version, run_id, cat):
             names = pq.ParquetFile(f, filesystem=storage.fs).schema_arrow.names
             if "content_key" not in names:
                 continue
-            t = pq.read_table(f, columns=["product_id", "content_key", "category"], filesystem=storage.fs)
-            tables.append(t.append_column("source_run", pa.array([run_id] * t.num_rows, pa.string())))
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in ("product_id", "content_key", "category", "source_run")})
-    return pa.concat_tables(tables, promote_options="default")
+            cols = [c for c in STATE_SCHEMA.names if c in names and c != "source_run"]
+            t = _complete(pq.read_table(f, columns=cols, filesystem=storage.fs), model_version)
+            tables.append(t.append_column("source_run", pa.array([run_id] * t.num_rows, pa.string()))
+                          .select(STATE_SCHEMA.names).cast(STATE_SCHEMA))
+    return pa.concat_tables(tables) if tables else empty_state()
 
 
 def categories(storage: Storage, model_version: str, run_id: str) -> list[str]:
@@ -128,10 +152,11 @@ def shard_rows(storage: Storage, model_version: str, run_id: str) -> dict[str, l
         wanted = manifest.filter(pc.equal(manifest.column("category"), category))
         want = set(zip(wanted.column("product_id").to_pylist(), wanted.column("content_key").to_pylist()))
         seen, files = set(), []
-        for source in sorted(pc.unique(wanted.column("source_run")).to_pylist()):
-            paths = _run_files(storage, model_version, source, category)
+        for mv, source in sorted(set(zip(wanted.column("model_version").to_pylist(),
+                                         wanted.column("source_run").to_pylist()))):
+            paths = _run_files(storage, mv, source, category)
             if not paths:
-                raise FileNotFoundError(f"features of run {source} for category {category} are missing")
+                raise FileNotFoundError(f"features of run {source} for category {category} ({mv}) are missing")
             for path in paths:
                 keys = pq.read_table(path, columns=["product_id", "content_key"], filesystem=storage.fs)
                 rows = []
@@ -146,6 +171,19 @@ def shard_rows(storage: Storage, model_version: str, run_id: str) -> dict[str, l
             raise ValueError(f"category {category}: manifest lists {wanted.num_rows} products, "
                              f"{len(seen)} have stored features")
         out[category] = files
+    return out
+
+
+def model_versions(storage: Storage, model_version: str, run_id: str) -> dict[str, str]:
+    """category -> the model version of its features in ``run_id``'s feature set."""
+    manifest = read_manifest(storage, model_version, run_id)
+    if manifest is None:
+        return {c: model_version for c in _run_categories(storage, model_version, run_id)}
+    pairs = set(zip(manifest.column("category").to_pylist(), manifest.column("model_version").to_pylist()))
+    out: dict[str, str] = {}
+    for cat, mv in sorted(pairs):
+        if out.setdefault(cat, mv) != mv:
+            raise ValueError(f"category {cat} mixes features of model versions {out[cat]} and {mv}")
     return out
 
 

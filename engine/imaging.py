@@ -120,6 +120,16 @@ def preprocess(img: Image.Image, size: int) -> np.ndarray:
     return model_input(upscale_small(img, size), size)
 
 
+def fit(img: Image.Image, size: int) -> np.ndarray:
+    """The whole image, enlarged or shrunk so its longest side is ``size`` (aspect kept), as uint8 HWC:
+    what the detect stage looks at and cuts crops from."""
+    img = upscale_small(img, size)
+    if max(img.size) > size:
+        img = img.copy()
+        img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def prepare(data: bytes, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
     """Bytes -> uint8 ``size`` x ``size`` x 3 array ready for the embedder."""
     return preprocess(decode(data, max_pixels), size)

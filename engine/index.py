@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import features
@@ -155,7 +156,8 @@ def read_rows(storage: Storage, slices: list[tuple]) -> pa.Table:
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        table = pf.read_row_groups(groups, columns=["product_id", "vector"])
+        extra = [c for c in ("category", "catalog_category") if c in pf.schema_arrow.names]
+        table = pf.read_row_groups(groups, columns=["product_id", "vector"] + extra)
         if positions is None:
             parts.append(table.slice(lo - first, hi - lo))
         else:
@@ -172,6 +174,8 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
     table = read_rows(storage, spec["slices"])
     vecs = features.vectors(table)
     ids = table.column("product_id").cast(pa.string())
+    own = pc.equal(table.column("category"), table.column("catalog_category")) \
+        if "catalog_category" in table.column_names else pa.array([True] * len(ids))
     if ids.null_count:
         raise ValueError(f"{spec['category']}: {ids.null_count} feature rows have no product_id")
     params, dim = spec["params"], spec["dim"]
@@ -193,8 +197,9 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
         index.save(ann + ".tmp")
         index.unload()
         os.replace(ann + ".tmp", ann)
-        pq.write_table(pa.table({"annoy_id": pa.array(np.arange(len(ids)), pa.int64()), "product_id": ids}),
-                       idmap + ".tmp")
+        # own: the product's object of its catalog category (what /similar/{product_id} starts from)
+        pq.write_table(pa.table({"annoy_id": pa.array(np.arange(len(ids)), pa.int64()), "product_id": ids,
+                                 "own": own}), idmap + ".tmp")
         os.replace(idmap + ".tmp", idmap)
         entry.update(bytes=os.path.getsize(ann), sha256=sha256(ann), ids_bytes=os.path.getsize(idmap),
                      ids_sha256=sha256(idmap))
@@ -206,7 +211,8 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
 
 
 def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list[str]],
-                     cfg: IndexConfig, run_id: str | None = None) -> dict:
+                     cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None) -> dict:
+    """``versions``: category -> the model version its features come from (default: ``model_version``)."""
     """Build every shard of every category as parallel Ray tasks, then write the manifest (last)."""
     import ray
 
@@ -233,8 +239,9 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
     entries = ray.get(refs)
     categories: dict[str, dict] = {}
     for spec, entry in zip(specs, entries):
-        cat = categories.setdefault(spec["category"], {"category": spec["category"], "count": 0, "dim": spec["dim"],
-                                                       "params": spec["params"], "shards": []})
+        cat = categories.setdefault(spec["category"], {
+            "category": spec["category"], "count": 0, "dim": spec["dim"], "params": spec["params"],
+            "model_version": (versions or {}).get(spec["category"], model_version), "shards": []})
         cat["count"] += entry["count"]
         cat["shards"].append(entry)
     manifest = {
@@ -253,8 +260,10 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
 
 def build(root: str, model_version: str, run_id: str, index_version: str, cfg: IndexConfig) -> dict:
     """Build an index version from one run's feature shards."""
-    files = features.shard_rows(Storage.of(root), model_version, run_id)
-    return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id)
+    storage = Storage.of(root)
+    files = features.shard_rows(storage, model_version, run_id)
+    return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id,
+                            versions=features.model_versions(storage, model_version, run_id))
 
 
 # ---------------------------------------------------------------- loading and searching
@@ -281,29 +290,47 @@ def local_copy(storage: Storage, cache_dir: str, parts: tuple) -> str:
     return target
 
 
+def category_version(manifest: dict, category: str) -> str:
+    """The embedding model version of a category's vectors (one index version may hold several)."""
+    return manifest["categories"][category].get("model_version") or manifest["model_version"]
+
+
+def model_mismatch(manifest: dict, embed_cfg) -> dict[str, tuple[str, str]]:
+    """Categories whose vectors came from another model version than ``embed_cfg`` embeds queries
+    with: category -> (index's, config's). Such an index must not be served with that config."""
+    return {c: (category_version(manifest, c), embed_cfg.version_of(c)) for c in manifest["categories"]
+            if category_version(manifest, c) != embed_cfg.version_of(c)}
+
+
 def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
-             verify: bool = True) -> pa.Array:
+             verify: bool = True, own: bool = False):
     path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]))
     if verify and sha256(path) != entry["ids_sha256"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
     try:
-        ids = pq.read_table(path, columns=["product_id"]).column("product_id").combine_chunks()
+        table = pq.read_table(path)
+        ids = table.column("product_id").combine_chunks()
     except Exception as exc:  # noqa: BLE001 - any unreadable id map is a load failure
         raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: {exc}") from None
     if len(ids) != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: {len(ids)} ids, manifest says {entry['count']}")
-    return ids.cast(pa.string())
+    if not own:
+        return ids.cast(pa.string())
+    flags = table.column("own").combine_chunks() if "own" in table.column_names else pa.array([True] * len(ids))
+    return ids.cast(pa.string()), flags
 
 
 class Shard:
     """One Annoy file, mmap'd, and its id map."""
 
-    def __init__(self, category: str, entry: dict, dim: int, params: dict, path: str, ids: pa.Array):
+    def __init__(self, category: str, entry: dict, dim: int, params: dict, path: str, ids: pa.Array,
+                 own: pa.Array | None = None):
+        """``own``: per item, whether this category is the product's catalog category (None: all are)."""
         from annoy import AnnoyIndex
 
         self.category, self.number, self.entry, self.dim, self.path = category, entry["shard"], entry, dim, path
         self.metric, self.search_k = params["metric"], params.get("search_k", -1)
-        self.ids = ids
+        self.ids, self.own = ids, own
         self.annoy = AnnoyIndex(dim, self.metric)
         try:
             self.annoy.load(path)
@@ -324,7 +351,8 @@ class Shard:
                                      f"(truncated or replaced file)")
             if sha256(path) != entry["sha256"]:
                 raise IndexLoadError(f"{category}/{entry['index']}: checksum mismatch (corrupt file)")
-        return cls(category, entry, dim, params, path, read_ids(storage, prefix, category, entry, cache_dir, verify))
+        return cls(category, entry, dim, params, path,
+                   *read_ids(storage, prefix, category, entry, cache_dir, verify, own=True))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -376,25 +404,31 @@ class Directory:
 
     Sorted fixed-width byte keys and parallel integer arrays: a few tens of MB for millions of
     products, where a dict of Python strings would take hundreds. A product may sit in several
-    categories (one per detected object), never twice in one.
+    categories (one per detected object), never twice in one; its own category's entry comes first.
     """
 
-    def __init__(self, parts: list[tuple[str, int, pa.Array]]):
-        self.category_names = sorted({c for c, _, _ in parts})
+    def __init__(self, parts: list[tuple]):
+        """``parts``: (category, shard, ids[, own flags]) per shard."""
+        parts = [p if len(p) == 4 else (*p, None) for p in parts]
+        self.category_names = sorted({p[0] for p in parts})
         code = {c: i for i, c in enumerate(self.category_names)}
-        keys = [np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False)) for _, _, ids in parts]
+        keys = [np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False)) for _, _, ids, _ in parts]
         flat = np.concatenate(keys) if keys else np.array([], dtype=object)
         self.keys = flat.astype("S") if len(flat) else np.array([], dtype="S1")
-        cats = np.concatenate([np.full(len(ids), code[c], np.int32) for c, _, ids in parts]) if parts else np.zeros(0, np.int32)
-        shards = np.concatenate([np.full(len(ids), s, np.int32) for _, s, ids in parts]) if parts else np.zeros(0, np.int32)
-        pos = np.concatenate([np.arange(len(ids), dtype=np.int64) for _, _, ids in parts]) if parts else np.zeros(0, np.int64)
+        cats = np.concatenate([np.full(len(ids), code[c], np.int32) for c, _, ids, _ in parts]) if parts else np.zeros(0, np.int32)
+        shards = np.concatenate([np.full(len(ids), s, np.int32) for _, s, ids, _ in parts]) if parts else np.zeros(0, np.int32)
+        pos = np.concatenate([np.arange(len(ids), dtype=np.int64) for _, _, ids, _ in parts]) if parts else np.zeros(0, np.int64)
+        own = np.concatenate([np.ones(len(ids), bool) if o is None else
+                              np.asarray(o.to_numpy(zero_copy_only=False), bool) for _, _, ids, o in parts]) \
+            if parts else np.zeros(0, bool)
         order = np.lexsort((cats, self.keys))
         self.keys, self.cats, self.shards, self.positions = self.keys[order], cats[order], shards[order], pos[order]
+        self.own = own[order]
 
     @classmethod
     def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
         prefix = version_prefix(manifest["model_version"], manifest["index_version"])
-        return cls([(cat, e["shard"], read_ids(storage, prefix, cat, e, cache_dir, verify))
+        return cls([(cat, e["shard"], *read_ids(storage, prefix, cat, e, cache_dir, verify, own=True))
                     for cat, entry in manifest["categories"].items() for e in entry["shards"]])
 
     def __len__(self) -> int:
@@ -405,8 +439,9 @@ class Directory:
         if not key or len(key) > self.keys.dtype.itemsize or key.endswith(b"\0"):
             return []
         lo, hi = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        found = sorted(range(lo, hi), key=lambda i: not self.own[i])
         return [Location(self.category_names[self.cats[i]], int(self.shards[i]), int(self.positions[i]))
-                for i in range(lo, hi)]
+                for i in found]
 
     def duplicates(self) -> dict[str, int]:
         """Per category, how many product_ids appear more than once in it."""
@@ -462,7 +497,7 @@ class LoadedIndex:
     @property
     def directory(self) -> Directory:
         if self._directory is None:
-            self._directory = Directory([(s.category, s.number, s.ids) for s in self.shards.values()])
+            self._directory = Directory([(s.category, s.number, s.ids, s.own) for s in self.shards.values()])
         return self._directory
 
     def locate(self, product_id: str, categories: list[str] | None = None) -> Location | None:

@@ -89,3 +89,26 @@ def dataset(n: int, seed: int, held_out: bool, size: int = CANVAS):
     rng = np.random.default_rng(seed)
     pool = test if held_out else train
     return [composite(rng, items, cats, pool, size) for _ in range(n)]
+
+
+def write_catalog(folder, n: int, seed: int, held_out: bool = True) -> tuple[str, list]:
+    """A catalog of ``n`` outfit photos (PNG files): each product is the largest item in its photo.
+    Returns (catalog path, [(boxes, labels)] ground truth per product, in catalog order)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    (folder / "outfits").mkdir(parents=True, exist_ok=True)
+    rows, truth = [], []
+    for i, (img, boxes, labels) in enumerate(dataset(n, seed, held_out)):
+        path = folder / "outfits" / f"outfit-{i:04d}.png"
+        img.save(path)
+        main = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+        rows.append({"product_id": f"outfit-{i:04d}", "image_url": path.resolve().as_uri(),
+                     "category": CLASSES[labels[main] - 1], "updated_at": "2026-11-24T00:00:00Z"})
+        truth.append((boxes, labels))
+    target = folder / "outfits.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), target)
+    return str(target), truth

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from engine import catalog, download, features, index, metrics, notify, plan, publish, raycluster, validate
 from engine.config import Config
+from engine.detect import DetectStage
 from engine.embed import EmbedStage
 from engine.report import Report
 from engine.storage import Storage
@@ -35,15 +36,24 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def check_fits(cfg: Config, cluster_cpus: float) -> None:
-    """Actor pools hold their CPUs for the whole run; if they leave less than one CPU for the
-    catalog listing task, Ray Data waits forever. Say so up front instead."""
-    held = cfg.download.actors * cfg.download.cpus_per_actor + cfg.embed.actors * cfg.embed.cpus_per_actor
+def check_fits(cfg: Config, cluster_cpus: float, cluster_gpus: float = 0.0) -> None:
+    """Actor pools hold their CPUs (and GPUs) for the whole run; if they leave less than one CPU for
+    the catalog listing task, or ask for more GPUs than exist, Ray Data waits forever. Say so up front."""
+    pools = [("plan", 1, catalog.READ_CPUS, 0.0), ("download", cfg.download.actors, cfg.download.cpus_per_actor, 0.0),
+             ("embed", cfg.embed.actors, cfg.embed.cpus_per_actor, cfg.embed.gpus_per_actor)]
+    if cfg.detect.in_pipeline:
+        pools.append(("detect", cfg.detect.actors, cfg.detect.cpus_per_actor, cfg.detect.gpus_per_actor))
+    held = sum(n * c for _, n, c, _ in pools)
     if held + 1 > cluster_cpus + 1e-9:
         raise RunFailed(
-            f"the actor pools hold {held:g} CPUs (download.actors x download.cpus_per_actor + "
-            f"embed.actors x embed.cpus_per_actor) and the cluster has {cluster_cpus:g}; at least one "
-            f"CPU must stay free for reading the catalog. Lower embed.cpus_per_actor or embed.actors.", {})
+            f"the actor pools hold {held:g} CPUs ({', '.join(f'{p} {n}x{c:g}' for p, n, c, _ in pools)}) and the "
+            f"cluster has {cluster_cpus:g}; at least one CPU must stay free for reading the catalog. Lower "
+            f"embed.cpus_per_actor, detect.cpus_per_actor or the actor counts.", {})
+    gpus = sum(n * g for _, n, _, g in pools)
+    if cluster_gpus and gpus > cluster_gpus + 1e-9:
+        raise RunFailed(
+            f"the detect and embed pools ask for {gpus:g} GPUs (actors x gpus_per_actor) and the cluster has "
+            f"{cluster_gpus:g}. Lower embed.gpus_per_actor, detect.gpus_per_actor or the actor counts.", {})
 
 
 def check_reject_ratio(report: dict, ceiling: float) -> None:
@@ -68,52 +78,69 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known
     gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
     ds = catalog.read(cfg.source, storage_options=gcs)
     ds = ds.map_batches(
-        plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "full": cfg.plan.full},
+        plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "embed": cfg.embed.model_dump(),
+                                               "detect_version": cfg.detect.signature(), "full": cfg.plan.full},
         batch_format="pyarrow", batch_size=cfg.download.batch_size * 4,
         compute=ActorPoolStrategy(size=1), num_cpus=catalog.READ_CPUS)
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
     ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
-    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle, storage_options=gcs)
+    detecting = cfg.detect.in_pipeline
+    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle, storage_options=gcs,
+                        full_size=cfg.detect.image_size if detecting else None)
+    if detecting:
+        ds = ds.map_batches(
+            DetectStage, fn_constructor_kwargs={"cfg": cfg.detect.model_dump(), "image_size": cfg.embed.image_size,
+                                                "device": device, "storage_options": gcs},
+            batch_format="pyarrow", batch_size=cfg.detect.batch_size, compute=ActorPoolStrategy(size=cfg.detect.actors),
+            num_cpus=cfg.detect.cpus_per_actor, num_gpus=cfg.detect.gpus_per_actor if gpu else 0)
     ds = ds.map_batches(
         EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device, "storage_options": gcs},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
         compute=ActorPoolStrategy(size=cfg.embed.actors),
         num_cpus=cfg.embed.cpus_per_actor, num_gpus=cfg.embed.gpus_per_actor if gpu else 0)
+    versions = {"": cfg.embed.model_version, **{c: m.model_version for c, m in cfg.embed.categories.items()}}
     return ds.map_batches(
-        features.write_batch, fn_kwargs={"root": storage, "model_version": cfg.embed.model_version,
-                                         "run_id": run_id},
+        features.write_batch, fn_kwargs={"root": storage, "versions": versions,
+                                         "detect_version": cfg.detect.signature(), "run_id": run_id},
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
 
 REJECT_COLUMNS = ("product_id", "image_url", "category", "reason", "detail")
 
 
-def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
-    """Count outcomes, write rejects.parquet, and return the manifest rows of this run's products."""
+def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config) -> pa.Table:
+    """Count outcomes (per catalog row: its first object), write rejects.parquet, and return the
+    manifest rows of this run: one per product and category."""
     counts = report.data["counts"]
-    counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0)
-    reasons, rejects, entries, shown = collections.Counter(), [], {}, time.time()
+    counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0, objects=0)
+    reasons, rejects, entries, shown = collections.Counter(), [], [], time.time()
+    detect_version = cfg.detect.signature()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
-            counts["rows_in"] += 1
+            first = not row.get("object")
             action = row.get("action") or plan.NEW
-            counts["unchanged_reused" if action == plan.REUSE else action] += 1
-            counts["processed"] += action != plan.REUSE
-            status, pid = row["status"], row["product_id"]
-            if status != "rejected" and pid in entries:
-                counts["duplicates"] += 1
-                status, row["reason"] = "rejected", "duplicate_product_id"
-                row["detail"] = f"product_id seen earlier in this catalog (kept {entries[pid]['image_url']})"
-            if status == "rejected":
-                counts["rejected"] += 1
-                reasons[row["reason"]] += 1
-                rejects.append({c: row.get(c) for c in REJECT_COLUMNS})
+            if first:
+                counts["rows_in"] += 1
+                if action == plan.DUPLICATE:
+                    counts["duplicates"] += 1
+                else:
+                    counts["unchanged_reused" if action == plan.REUSE else action] += 1
+                    counts["processed"] += action != plan.REUSE
+            if row["status"] == "rejected":
+                if first:
+                    counts["rejected"] += 1
+                    reasons[row["reason"]] += 1
+                    rejects.append({c: row.get(c) for c in REJECT_COLUMNS})
                 continue
-            counts["ok"] += status == "ok"
-            entries[pid] = {"product_id": pid, "image_url": row["image_url"], "category": row["category"],
+            counts["ok"] += first and row["status"] == "ok"
+            counts["objects"] += 1
+            entries.append({"product_id": row["product_id"], "image_url": row["image_url"],
+                            "category": row["category"], "catalog_category": row["catalog_category"],
                             "content_key": row["content_key"],
-                            "source_run": run_id if status == "ok" else row["source_run"]}
+                            "source_run": run_id if row["status"] == "ok" else row["source_run"],
+                            "model_version": cfg.embed.version_of(row["category"]),
+                            "detect_version": detect_version, "objects": row["objects"]})
         report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
         report.progress()
         if time.time() - shown > PROGRESS_EVERY_S:
@@ -123,8 +150,7 @@ def _consume(ds, report: Report, storage: Storage, run_id: str) -> pa.Table:
     storage.makedirs("runs", run_id)
     pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
                    filesystem=storage.fs)
-    manifest = pa.Table.from_pylist(list(entries.values()),
-                                    schema=pa.schema([(c, pa.string()) for c in features.MANIFEST_COLUMNS]))
+    manifest = pa.Table.from_pylist(entries, schema=features.MANIFEST_SCHEMA)
     report.data["categories"] = dict(sorted(collections.Counter(manifest.column("category").to_pylist()).items()))
     return manifest
 
@@ -135,7 +161,8 @@ def _removed(storage: Storage, model_version: str, manifest: pa.Table) -> int:
     previous = features.read_manifest(storage, model_version, published) if published else None
     if previous is None:
         return 0
-    gone = pc.invert(pc.is_in(previous.column("product_id"), value_set=manifest.column("product_id")))
+    before = pc.unique(previous.column("product_id"))
+    gone = pc.invert(pc.is_in(before, value_set=manifest.column("product_id")))
     return int(pc.sum(gone).as_py() or 0)
 
 
@@ -158,15 +185,17 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)
             device = raycluster.embed_device(cfg.embed.device)
-            check_fits(cfg, raycluster.cpus_available())
+            check_fits(cfg, raycluster.cpus_available(),
+                       raycluster.gpus_available() if device == "cuda" else 0.0)
             report.data["device"] = device
             base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
         with report.stage("plan"):
-            known = pa.table({c: pa.array([], pa.string()) for c in plan.STATE_COLUMNS}) if cfg.plan.full \
-                else plan.known_features(storage, mv, run_id)
+            known = plan.empty_state() if cfg.plan.full \
+                else plan.known_features(storage, mv, list(cfg.embed.models()), run_id)
             report.data["known_features"] = known.num_rows
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
-            manifest = _consume(build_dataset(cfg, run_id, device, storage, known, throttle), report, storage, run_id)
+            manifest = _consume(build_dataset(cfg, run_id, device, storage, known, throttle), report, storage, run_id,
+                                cfg)
             report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]

@@ -4,10 +4,15 @@ Every catalog row gets a content key: ``sha1(image_url, updated_at)``. It is dec
 catalog alone (no extra request per image); a picture replaced behind the same URL without a
 new ``updated_at`` is not seen, which ``--full`` (``plan.full``) covers.
 
-A row is ``new`` (product never indexed), ``changed`` (its key differs) or ``reuse`` (same key
-and category as stored features). Stored features are those named by the product manifest of
-the published index version, plus committed shards of later runs that never published (a
-crashed or refused run): that is what makes a re-run resume instead of recompute.
+A row is ``new`` (product never indexed), ``changed`` (its key, category, detection settings or
+the embedding model of one of its objects differ) or ``reuse``. Stored features are those named
+by the product manifest of the published index version, plus committed shards of later runs
+that never published (a crashed or refused run): that is what makes a re-run resume instead of
+recompute. A product's features are its objects (one row per object, engine/detect.py); a
+reused product leaves the plan as one row per stored object, so later stages never look it up.
+
+The plan actor also numbers catalog rows (``row``) and rejects a product_id seen earlier in
+the catalog (``duplicate_product_id``): it is the one place that sees every row.
 """
 from __future__ import annotations
 
@@ -19,10 +24,18 @@ import pyarrow.compute as pc
 from engine import features, publish
 from engine.storage import Storage
 
-NEW, CHANGED, REUSE = "new", "changed", "reuse"
+NEW, CHANGED, REUSE, DUPLICATE = "new", "changed", "reuse", "duplicate"
 PLAN_FIELDS = [pa.field("content_key", pa.string()), pa.field("action", pa.string()),
-               pa.field("source_run", pa.string())]
-STATE_COLUMNS = ["product_id", "content_key", "category", "source_run"]
+               pa.field("source_run", pa.string()), pa.field("catalog_category", pa.string()),
+               pa.field("row", pa.int64()), pa.field("object", pa.int32()), pa.field("objects", pa.int32()),
+               pa.field("note", pa.string())]  # note: why a duplicate row is rejected (the download stage says it)
+STATE_COLUMNS = ["product_id", "content_key", "category", "catalog_category", "source_run", "model_version",
+                 "detect_version", "objects"]
+STATE_SCHEMA = pa.schema([pa.field(c, pa.int32() if c == "objects" else pa.string()) for c in STATE_COLUMNS])
+
+
+def empty_state() -> pa.Table:
+    return STATE_SCHEMA.empty_table()
 
 
 def content_key(image_url, updated_at) -> str:
@@ -30,25 +43,28 @@ def content_key(image_url, updated_at) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:20]
 
 
-def known_features(storage: Storage, model_version: str, current_run: str) -> pa.Table:
-    """(product_id, content_key, category, source_run) of every reusable stored feature.
+def known_features(storage: Storage, line: str, model_versions: list[str], current_run: str) -> pa.Table:
+    """STATE_COLUMNS of every reusable stored feature (one row per object).
 
+    ``line``: the index line (embed.model_version) whose published manifest is read;
+    ``model_versions``: the feature namespaces the config uses, whose orphan runs count too.
     Later sources win: orphan runs newer than the published manifest are read after it.
     """
     tables = []
-    published = publish.latest(storage, model_version)
-    manifest = features.read_manifest(storage, model_version, published) if published else None
+    published = publish.latest(storage, line)
+    manifest = features.read_manifest(storage, line, published) if published else None
     if manifest is not None:
         tables.append(manifest.select(STATE_COLUMNS))
     since = manifest_run(manifest) if manifest is not None else ""
-    for run_id in features.runs(storage, model_version):
-        if run_id > since and run_id != current_run:
-            shard_rows = features.read_run_keys(storage, model_version, run_id)
-            if shard_rows.num_rows:
-                tables.append(shard_rows.select(STATE_COLUMNS))
+    orphans = sorted((run_id, mv) for mv in dict.fromkeys(model_versions) for run_id in features.runs(storage, mv)
+                     if run_id > since and run_id != current_run)
+    for run_id, mv in orphans:
+        keys = features.read_run_keys(storage, mv, run_id)
+        if keys.num_rows:
+            tables.append(keys.select(STATE_COLUMNS))
     if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in STATE_COLUMNS})
-    return pa.concat_tables([t.cast(pa.schema([(c, pa.string()) for c in STATE_COLUMNS])) for t in tables])
+        return empty_state()
+    return pa.concat_tables([t.cast(STATE_SCHEMA) for t in tables])
 
 
 def manifest_run(manifest: pa.Table) -> str:
@@ -57,37 +73,69 @@ def manifest_run(manifest: pa.Table) -> str:
     return pc.max(runs).as_py() or "" if len(runs) else ""
 
 
-class PlanStage:
-    """Ray Data actor: adds content_key, action and source_run to each catalog row."""
+def stored_objects(table: pa.Table) -> dict[str, list[dict]]:
+    """product_id -> its stored objects, from the latest source that has them (table order)."""
+    out: dict[str, list[dict]] = {}
+    for entry in table.to_pylist():
+        have = out.get(entry["product_id"])
+        if have is None or have[0]["source_run"] != entry["source_run"]:
+            out[entry["product_id"]] = [entry]
+        elif all(e["category"] != entry["category"] for e in have):
+            have.append(entry)
+    return out
 
-    def __init__(self, state: list, full: bool = False):
+
+class PlanStage:
+    """Ray Data actor (exactly one: it sees every row): adds PLAN_FIELDS to each catalog row and
+    expands reused products into their stored objects."""
+
+    def __init__(self, state: list, embed: dict, detect_version: str, full: bool = False):
         import ray
 
+        from engine.config import EmbedConfig
+
         table = ray.get(state[0]) if isinstance(state[0], ray.ObjectRef) else state[0]
-        self.full = full
-        self.known = {pid: (key, cat, run) for pid, key, cat, run in zip(
-            *(table.column(c).to_pylist() for c in STATE_COLUMNS))}
+        self.full, self.detect_version = full, detect_version
+        self.embed = EmbedConfig.model_validate(embed)
+        self.known = stored_objects(table)
+        self.seen: dict[str, str] = {}
+        self.rows = 0
+
+    def reusable(self, objects: list[dict] | None, key: str, category: str) -> bool:
+        return bool(objects) and not self.full and len(objects) == objects[0]["objects"] and all(
+            o["content_key"] == key and o["catalog_category"] == category and o["detect_version"] == self.detect_version
+            and o["model_version"] == self.embed.version_of(o["category"]) for o in objects) \
+            and any(o["category"] == category for o in objects)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from engine.catalog import normalise
 
         batch = normalise(batch)
-        urls = batch.column("image_url").to_pylist()
-        stamps = batch.column("updated_at").to_pylist() if "updated_at" in batch.column_names else [None] * len(urls)
-        keys, actions, sources = [], [], []
-        for pid, cat, url, stamp in zip(batch.column("product_id").to_pylist(),
-                                        batch.column("category").to_pylist(), urls, stamps):
-            key = content_key(url, stamp)
-            old = self.known.get(pid)
-            if old is None:
-                action, source = NEW, None
-            elif old[0] == key and old[1] == cat and not self.full:
-                action, source = REUSE, old[2]
+        n = batch.num_rows
+        stamps = batch.column("updated_at").to_pylist() if "updated_at" in batch.column_names else [None] * n
+        take, extra = [], {f.name: [] for f in PLAN_FIELDS}
+        extra["category"] = []
+        for i, (pid, cat, url, stamp) in enumerate(zip(batch.column("product_id").to_pylist(),
+                                                       batch.column("category").to_pylist(),
+                                                       batch.column("image_url").to_pylist(), stamps)):
+            key, row = content_key(url, stamp), self.rows
+            self.rows += 1
+            objects = self.known.get(pid)
+            if pid is not None and pid in self.seen:
+                plans = [(DUPLICATE, None, cat, f"product_id seen earlier in this catalog (kept {self.seen[pid]})")]
+            elif self.reusable(objects, key, cat):
+                plans = [(REUSE, o["source_run"], o["category"], None) for o in objects]
             else:
-                action, source = CHANGED, None
-            keys.append(key)
-            actions.append(action)
-            sources.append(source)
-        for field, values in zip(PLAN_FIELDS, (keys, actions, sources)):
-            batch = batch.append_column(field, pa.array(values, field.type))
-        return batch
+                plans = [(NEW if objects is None else CHANGED, None, cat, None)]
+            if pid is not None:
+                self.seen.setdefault(pid, url)
+            for number, (action, source, category, detail) in enumerate(plans):
+                take.append(i)
+                for name, value in (("content_key", key), ("action", action), ("source_run", source),
+                                    ("catalog_category", cat), ("row", row), ("object", number),
+                                    ("objects", len(plans)), ("note", detail), ("category", category)):
+                    extra[name].append(value)
+        out = batch.take(pa.array(take, pa.int64())).drop_columns(["category"])
+        for field in [pa.field("category", pa.string())] + PLAN_FIELDS:
+            out = out.append_column(field, pa.array(extra[field.name], field.type))
+        return out
