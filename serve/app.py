@@ -30,10 +30,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import imaging, metrics, publish
+from engine import detect, imaging, metrics, publish
 from engine.config import Config, ConfigError, DetectConfig, EmbedConfig, ServeConfig
 from engine.embed import Embedder
-from engine.index import Directory, Location, merge, read_manifest, summary
+from engine.index import Directory, Location, category_version, merge, model_mismatch, read_manifest, summary
 from engine.storage import Storage, gcs_options
 from serve.searcher import Searcher, ShardGroup, assign
 
@@ -83,50 +83,41 @@ async def _unexpected(_: Request, exc: Exception):
 
 @serve.deployment(name="Encoder")
 class Encoder:
-    """uint8 HWC images -> unit vectors, batched across concurrent requests."""
+    """uint8 HWC images -> unit vectors, batched across concurrent requests; one model per
+    embedding model version the config names (``embed.categories``)."""
 
     def __init__(self, embed_cfg: dict, batch_size: int = 16, batch_wait_s: float = 0.005,
                  storage_options: dict | None = None, detect_cfg: dict | None = None):
         self.cfg = EmbedConfig.model_validate(embed_cfg)
-        self.embedder = Embedder(self.cfg, storage_options=storage_options)
+        self.embedders = {mv: Embedder(c, storage_options=storage_options) for mv, c in self.cfg.models().items()}
         self.detect_cfg = DetectConfig.model_validate(detect_cfg or {})
-        self.detector = None
-        if self.detect_cfg.detector != "none":
-            from engine import detector
-
-            uri = None if self.detect_cfg.detector == "shipped" else self.detect_cfg.detector
-            self.detector = detector.load(uri, storage_options, score_thresh=self.detect_cfg.score_threshold,
-                                          max_objects=self.detect_cfg.max_objects)
+        self.detector = detect.load(self.detect_cfg, "cpu", storage_options) if self.detect_cfg.enabled else None
         self.embed.set_max_batch_size(batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.embedder(np.stack(images)))
+    async def embed(self, images: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
+        out: list = [None] * len(images)
+        for mv in set(versions):
+            idx = [i for i, v in enumerate(versions) if v == mv]
+            for i, vec in zip(idx, self.embedders[mv](np.stack([images[i] for i in idx]))):
+                out[i] = vec
+        return out
 
     async def objects(self, image: bytes, size: tuple[int, int]) -> list[dict]:
         """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), each with the
-        vector of its padded crop; none found: []. Crops are preprocessed like catalog images."""
+        vector of its padded crop by its category's model; none found: []. Crops are made exactly
+        as the pipeline's detect stage makes them (engine.detect.crop_input)."""
         from PIL import Image
-
-        from engine import detector
 
         img = Image.frombytes("RGB", size, image)
         found = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: detector.detect(self.detector, [img], self.detect_cfg.threads or None)[0])
-        if not found:
-            return []
-        crops = [imaging.preprocess(img.crop(_padded(o["box"], self.detect_cfg.box_padding, img.size)),
-                                    self.cfg.image_size) for o in found]
-        vectors = self.embedder(np.stack(crops))
-        return [{**o, "vector": v} for o, v in zip(found, vectors)]
-
-
-def _padded(box: list[float], padding: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = box
-    dx, dy = (x1 - x0) * padding, (y1 - y0) * padding
-    return (max(0, int(x0 - dx)), max(0, int(y0 - dy)), min(size[0], int(round(x1 + dx))),
-            min(size[1], int(round(y1 + dy))))
+            None, lambda: detect.find(self.detector, self.detect_cfg, [img])[0])
+        out = []
+        for o in found:
+            crop = detect.crop_input(img, o["box"], self.detect_cfg.box_padding, self.cfg.image_size)
+            out.append({**o, "vector": self.embedders[self.cfg.version_of(o["category"])](crop[None])[0]})
+        return out
 
 
 @dataclass(frozen=True)
@@ -205,6 +196,10 @@ class Swapper:
         manifest = read_manifest(self.storage, self.model_version, version)
         if manifest["dim"] != self.cfg.embed.dim:
             raise RuntimeError(f"index dim {manifest['dim']} differs from embed.dim {self.cfg.embed.dim}")
+        wrong = model_mismatch(manifest, self.cfg.embed)
+        if wrong:  # queries would be embedded by another model than the index was built with
+            raise RuntimeError("embedding model versions differ (category: index's, config's): " + ", ".join(
+                f"{c}: {i}, {m}" for c, (i, m) in sorted(wrong.items())))
         directory = Directory.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)
         calls = [h.prepare_now(version) if isinstance(h, ShardGroup) else h.prepare.remote(version)
                  for h in self.searchers]
@@ -334,6 +329,11 @@ class SearchAPI:
             raise ApiError(404, f"unknown product_id {product_id!r} in index {routing.version}")
         cats = _categories(routing, category)
         loc = next((f for f in found if cats and f.category in cats), found[0])
+        model = category_version(routing.manifest, loc.category)
+        other = [c for c in cats or [] if category_version(routing.manifest, c) != model]
+        if other:
+            raise ApiError(400, f"categories {other} are embedded by another model than {product_id!r}'s "
+                                f"{loc.category} vector ({model}); ask for them separately")
         parts = await self._fan_out(routing, cats or [loc.category], k + 1, location=loc)
         return {"product_id": product_id, "category": loc.category, "index_version": routing.version,
                 "results": merge(parts, k, exclude=product_id)}
@@ -351,20 +351,25 @@ class SearchAPI:
         except imaging.ImageRejected as exc:
             status = 413 if exc.reason == "too_many_pixels" else 415
             raise ApiError(status, f"not a usable image ({exc.reason}): {exc.detail}") from None
-        detected = []
-        if self.cfg.detect.detector != "none" and not cats:
-            rgb = img.convert("RGB")
-            detected = await self.encoder.objects.remote(rgb.tobytes(), rgb.size)
+        detected, scale = [], 1.0
+        if self.cfg.detect.enabled and not cats:
+            view = imaging.fit(img, self.cfg.detect.image_size)  # what the pipeline's detect stage looks at
+            scale = img.width / view.shape[1]
+            detected = await self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0]))
         objects = []
         for o in detected:  # each object in its own category's index
             if o["category"] in routing.groups_of:
                 parts = await self._fan_out(routing, [o["category"]], k, vector=o["vector"])
-                objects.append({"category": o["category"], "box": o["box"], "score": o["score"],
-                                "results": merge(parts, k)})
+                objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
+                                "score": o["score"], "results": merge(parts, k)})
         if not objects:  # no detector, a category filter, or nothing found: the whole image
             pixels = imaging.preprocess(img, self.cfg.embed.image_size)
-            vector = await self.encoder.embed.remote(pixels)
-            parts = await self._fan_out(routing, cats or sorted(routing.groups_of), k, vector=vector)
+            by_model: dict[str, list[str]] = {}
+            for c in cats or sorted(routing.groups_of):
+                by_model.setdefault(category_version(routing.manifest, c), []).append(c)
+            vectors = await asyncio.gather(*[self.encoder.embed.remote(pixels, mv) for mv in by_model])
+            parts = [h for (mv, names), vector in zip(by_model.items(), vectors)
+                     for h in await self._fan_out(routing, names, k, vector=vector)]
             objects.append({"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
                             "score": None, "results": merge(parts, k)})
         return {"index_version": routing.version, "detector": self.cfg.detect.detector,
