@@ -259,7 +259,9 @@ def test_rate_gate_drops_late_slots_instead_of_bunching():
     gate, sent = asyncio.run(main())
     assert len(sent) == 150 and gate.dropped >= 10
     assert peak_rate(sent) <= rate + 1
-    assert peak_rate(sent, 0.2) <= math.ceil(0.2 * rate * (1 + download.LATE_S)) + 1
+    # bunching would send the stall's ~20 slots at once (peak ~40 in 0.2 s); allow the LATE_S grace
+    # twice, for the scheduler pausing this process once more on a loaded machine
+    assert peak_rate(sent, 0.2) <= math.ceil(0.2 * rate * (1 + 2 * download.LATE_S)) + 1
 
 
 def test_circuit_breaker_stops_hammering_a_dead_host(server):
