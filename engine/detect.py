@@ -14,6 +14,7 @@ Every input row leaves as one or more rows; rejected and reused rows pass throug
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -84,7 +85,7 @@ class DetectStage:
         self.cfg = DetectConfig.model_validate(cfg)
         self.size = image_size
         if device == "cpu":
-            torch.set_num_threads(self.cfg.threads or torch.get_num_threads())
+            torch.set_num_threads(self.cfg.threads or os.cpu_count() or 1)
         self.model = load(self.cfg, device, storage_options)
         log.info("detect actor ready on %s", device)
 
