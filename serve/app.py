@@ -91,7 +91,8 @@ class Encoder:
         self.cfg = EmbedConfig.model_validate(embed_cfg)
         self.embedders = {mv: Embedder(c, storage_options=storage_options) for mv, c in self.cfg.models().items()}
         self.detect_cfg = DetectConfig.model_validate(detect_cfg or {})
-        self.detector = detect.load(self.detect_cfg, "cpu", storage_options) if self.detect_cfg.enabled else None
+        device = next(iter(self.embedders.values())).device  # a replica given a GPU detects on it too
+        self.detector = detect.load(self.detect_cfg, device, storage_options) if self.detect_cfg.enabled else None
         self.embed.set_max_batch_size(batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
