@@ -548,6 +548,7 @@ class Fetcher:
 # --- the Ray Data stage -----------------------------------------------------------------------
 
 REUSE, DUPLICATE = "reuse", "duplicate"  # engine.plan's (not imported: plan imports the feature store)
+PLANNED = (REUSE, DUPLICATE)  # rows the plan settled: nothing to fetch
 
 
 async def _planned(action: str, note: str | None) -> tuple:
@@ -578,11 +579,11 @@ class DownloadStage:
         # rows the run plan reuses (engine.plan) keep their stored features: nothing to fetch
         actions = batch.column("action").to_pylist() if "action" in batch.column_names else [None] * len(rows)
         notes = batch.column("note").to_pylist() if "note" in batch.column_names else [None] * len(rows)
-        results = await asyncio.gather(*(_planned(a, n) if a in (REUSE, DUPLICATE) else self.fetcher.process(r)
+        results = await asyncio.gather(*(_planned(a, n) if a in PLANNED else self.fetcher.process(r)
                                          for r, a, n in zip(rows, actions, notes)))
         if self.throttle is not None:
             counts = self.fetcher.take_counts()
-            counts.update(rows=sum(a not in (REUSE, DUPLICATE) for a in actions), ok=sum(r[0] == "ok" for r in results))
+            counts.update(rows=sum(a not in PLANNED for a in actions), ok=sum(r[0] == "ok" for r in results))
             await self.throttle.record.remote(counts)
         if "note" in batch.column_names:
             batch = batch.drop_columns(["note"])

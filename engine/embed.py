@@ -179,6 +179,15 @@ def vector_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
+def embed_by_version(embedders: dict[str, "Embedder"], images: list[np.ndarray], versions: list[str]) -> np.ndarray:
+    """Images embedded each by its model version's embedder (one call per version), in input order."""
+    out = np.zeros((len(images), next(iter(embedders.values())).cfg.dim), np.float32)
+    for mv in set(versions):
+        idx = [i for i, v in enumerate(versions) if v == mv]
+        out[idx] = embedders[mv](np.stack([images[i] for i in idx]))
+    return out
+
+
 class EmbedStage:
     """Ray Data actor: rows with ``pixels`` -> rows with ``vector``, each by its category's model
     (``embed.categories``); rejected and reused rows pass through with a null vector."""
@@ -193,12 +202,13 @@ class EmbedStage:
         size, dim = self.cfg.image_size, self.cfg.dim
         ok = np.asarray(batch.column("status").to_pylist()) == "ok"
         pixels = batch.column("pixels").to_pylist()
-        versions = np.asarray([self.cfg.version_of(c) for c in batch.column("category").to_pylist()], object)
+        categories = batch.column("category").to_pylist()
+        idx = np.flatnonzero(ok)
         flat = np.zeros((len(ok), dim), np.float32)
-        for mv, embedder in self.embedders.items():
-            idx = np.flatnonzero(ok & (versions == mv))
-            if len(idx):
-                flat[idx] = embedder(np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in idx]))
+        if len(idx):
+            flat[idx] = embed_by_version(self.embedders,
+                                         [np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in idx],
+                                         [self.cfg.version_of(categories[i]) for i in idx])
         arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), dim)
         mask = pa.array(~ok)
         vec = pc.if_else(mask, pa.nulls(len(ok), arr.type), arr) if (~ok).any() else arr

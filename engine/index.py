@@ -212,8 +212,8 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
 
 def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list[str]],
                      cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None) -> dict:
-    """``versions``: category -> the model version its features come from (default: ``model_version``)."""
-    """Build every shard of every category as parallel Ray tasks, then write the manifest (last)."""
+    """Build every shard of every category as parallel Ray tasks, then write the manifest (last).
+    ``versions``: category -> the model version its features come from (default: ``model_version``)."""
     import ray
 
     t0 = time.time()
@@ -303,7 +303,8 @@ def model_mismatch(manifest: dict, embed_cfg) -> dict[str, tuple[str, str]]:
 
 
 def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
-             verify: bool = True, own: bool = False):
+             verify: bool = True) -> tuple[pa.Array, pa.Array]:
+    """A shard's (product ids, own flags); id maps written before objects have no flags: all own."""
     path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]))
     if verify and sha256(path) != entry["ids_sha256"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
@@ -314,8 +315,6 @@ def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_
         raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: {exc}") from None
     if len(ids) != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: {len(ids)} ids, manifest says {entry['count']}")
-    if not own:
-        return ids.cast(pa.string())
     flags = table.column("own").combine_chunks() if "own" in table.column_names else pa.array([True] * len(ids))
     return ids.cast(pa.string()), flags
 
@@ -324,8 +323,8 @@ class Shard:
     """One Annoy file, mmap'd, and its id map."""
 
     def __init__(self, category: str, entry: dict, dim: int, params: dict, path: str, ids: pa.Array,
-                 own: pa.Array | None = None):
-        """``own``: per item, whether this category is the product's catalog category (None: all are)."""
+                 own: pa.Array):
+        """``own``: per item, whether this category is the product's catalog category."""
         from annoy import AnnoyIndex
 
         self.category, self.number, self.entry, self.dim, self.path = category, entry["shard"], entry, dim, path
@@ -352,7 +351,7 @@ class Shard:
             if sha256(path) != entry["sha256"]:
                 raise IndexLoadError(f"{category}/{entry['index']}: checksum mismatch (corrupt file)")
         return cls(category, entry, dim, params, path,
-                   *read_ids(storage, prefix, category, entry, cache_dir, verify, own=True))
+                   *read_ids(storage, prefix, category, entry, cache_dir, verify))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -407,9 +406,8 @@ class Directory:
     categories (one per detected object), never twice in one; its own category's entry comes first.
     """
 
-    def __init__(self, parts: list[tuple]):
-        """``parts``: (category, shard, ids[, own flags]) per shard."""
-        parts = [p if len(p) == 4 else (*p, None) for p in parts]
+    def __init__(self, parts: list[tuple[str, int, pa.Array, pa.Array]]):
+        """``parts``: (category, shard, ids, own flags) per shard."""
         self.category_names = sorted({p[0] for p in parts})
         code = {c: i for i, c in enumerate(self.category_names)}
         keys = [np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False)) for _, _, ids, _ in parts]
@@ -418,8 +416,7 @@ class Directory:
         cats = np.concatenate([np.full(len(ids), code[c], np.int32) for c, _, ids, _ in parts]) if parts else np.zeros(0, np.int32)
         shards = np.concatenate([np.full(len(ids), s, np.int32) for _, s, ids, _ in parts]) if parts else np.zeros(0, np.int32)
         pos = np.concatenate([np.arange(len(ids), dtype=np.int64) for _, _, ids, _ in parts]) if parts else np.zeros(0, np.int64)
-        own = np.concatenate([np.ones(len(ids), bool) if o is None else
-                              np.asarray(o.to_numpy(zero_copy_only=False), bool) for _, _, ids, o in parts]) \
+        own = np.concatenate([np.asarray(o.to_numpy(zero_copy_only=False), bool) for *_, o in parts]) \
             if parts else np.zeros(0, bool)
         order = np.lexsort((cats, self.keys))
         self.keys, self.cats, self.shards, self.positions = self.keys[order], cats[order], shards[order], pos[order]
@@ -428,7 +425,7 @@ class Directory:
     @classmethod
     def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
         prefix = version_prefix(manifest["model_version"], manifest["index_version"])
-        return cls([(cat, e["shard"], *read_ids(storage, prefix, cat, e, cache_dir, verify, own=True))
+        return cls([(cat, e["shard"], *read_ids(storage, prefix, cat, e, cache_dir, verify))
                     for cat, entry in manifest["categories"].items() for e in entry["shards"]])
 
     def __len__(self) -> int:

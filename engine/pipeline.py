@@ -68,9 +68,11 @@ def check_reject_ratio(report: dict, ceiling: float) -> None:
                         + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
 
 
-def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known: pa.Table, throttle=None):
+def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known: pa.Table, detect_version: str,
+                  throttle=None):
     """The streaming plan; nothing runs until it is iterated. ``known``: stored features the plan
-    may reuse; ``throttle``: the run's download.Throttle actor (the global request rate)."""
+    may reuse; ``detect_version``: ``cfg.detect.signature()``; ``throttle``: the run's
+    download.Throttle actor (the global request rate)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -79,7 +81,7 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known
     ds = catalog.read(cfg.source, storage_options=gcs)
     ds = ds.map_batches(
         plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "embed": cfg.embed.model_dump(),
-                                               "detect_version": cfg.detect.signature(), "full": cfg.plan.full},
+                                               "detect_version": detect_version, "full": cfg.plan.full},
         batch_format="pyarrow", batch_size=cfg.download.batch_size * 4,
         compute=ActorPoolStrategy(size=1), num_cpus=catalog.READ_CPUS)
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
@@ -102,20 +104,19 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known
     versions = {"": cfg.embed.model_version, **{c: m.model_version for c, m in cfg.embed.categories.items()}}
     return ds.map_batches(
         features.write_batch, fn_kwargs={"root": storage, "versions": versions,
-                                         "detect_version": cfg.detect.signature(), "run_id": run_id},
+                                         "detect_version": detect_version, "run_id": run_id},
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
 
 REJECT_COLUMNS = ("product_id", "image_url", "category", "reason", "detail")
 
 
-def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config) -> pa.Table:
+def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str) -> pa.Table:
     """Count outcomes (per catalog row: its first object), write rejects.parquet, and return the
     manifest rows of this run: one per product and category."""
     counts = report.data["counts"]
     counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0, objects=0)
     reasons, rejects, entries, shown = collections.Counter(), [], [], time.time()
-    detect_version = cfg.detect.signature()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             first = not row.get("object")
@@ -194,8 +195,9 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
                 else plan.known_features(storage, mv, list(cfg.embed.models()), run_id)
             report.data["known_features"] = known.num_rows
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
-            manifest = _consume(build_dataset(cfg, run_id, device, storage, known, throttle), report, storage, run_id,
-                                cfg)
+            detect_version = cfg.detect.signature()  # hashes the detector's weights: once a run
+            ds = build_dataset(cfg, run_id, device, storage, known, detect_version, throttle)
+            manifest = _consume(ds, report, storage, run_id, cfg, detect_version)
             report.data["download"] = download.stats(throttle)
         report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]

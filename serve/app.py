@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import detect, imaging, metrics, publish
 from engine.config import Config, ConfigError, DetectConfig, EmbedConfig, ServeConfig
-from engine.embed import Embedder
+from engine.embed import Embedder, embed_by_version
 from engine.index import Directory, Location, category_version, merge, model_mismatch, read_manifest, summary
 from engine.storage import Storage, gcs_options
 from serve.searcher import Searcher, ShardGroup, assign
@@ -98,12 +98,7 @@ class Encoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, images: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
-        out: list = [None] * len(images)
-        for mv in set(versions):
-            idx = [i for i, v in enumerate(versions) if v == mv]
-            for i, vec in zip(idx, self.embedders[mv](np.stack([images[i] for i in idx]))):
-                out[i] = vec
-        return out
+        return list(embed_by_version(self.embedders, images, versions))
 
     async def objects(self, image: bytes, size: tuple[int, int]) -> list[dict]:
         """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), each with the
@@ -114,11 +109,9 @@ class Encoder:
         img = Image.frombytes("RGB", size, image)
         found = await asyncio.get_running_loop().run_in_executor(
             None, lambda: detect.find(self.detector, self.detect_cfg, [img])[0])
-        out = []
-        for o in found:
-            crop = detect.crop_input(img, o["box"], self.detect_cfg.box_padding, self.cfg.image_size)
-            out.append({**o, "vector": self.embedders[self.cfg.version_of(o["category"])](crop[None])[0]})
-        return out
+        crops = [detect.crop_input(img, o["box"], self.detect_cfg.box_padding, self.cfg.image_size) for o in found]
+        versions = [self.cfg.version_of(o["category"]) for o in found]
+        return [{**o, "vector": v} for o, v in zip(found, embed_by_version(self.embedders, crops, versions))]
 
 
 @dataclass(frozen=True)
