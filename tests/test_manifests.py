@@ -4,6 +4,7 @@ Overlays are rendered by a small kustomize subset below (what cluster/ uses: res
 namespace, labels, images, RFC 6902 patches); where kubectl is installed, the same render by
 `kubectl kustomize` must agree with it.
 """
+import collections
 import copy
 import json
 import re
@@ -191,8 +192,18 @@ def test_rayjob_has_what_kuberay_requires(overlay):
     spec = job["spec"]
     assert job["apiVersion"] == "ray.io/v1" and spec["entrypoint"]
     assert spec["suspend"] is True, "the RayJob is a template the CronJob copies; it must not run on apply"
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
-    assert spec["activeDeadlineSeconds"] > 0
+    assert spec["activeDeadlineSeconds"] > spec["preRunningDeadlineSeconds"] > 0
+    # deletionRules mode: KubeRay refuses it together with shutdownAfterJobFinishes or a global TTL
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    rules = {(r["condition"].get("jobStatus") or r["condition"]["jobDeploymentStatus"], r["policy"]):
+             r["condition"]["ttlSeconds"] for r in spec["deletionStrategy"]["deletionRules"]}
+    assert rules[("SUCCEEDED", "DeleteCluster")] <= 600, "a succeeded run's GPUs go within minutes"
+    assert rules[("FAILED", "DeleteWorkers")] <= 900 < 3600 <= rules[("FAILED", "DeleteCluster")], \
+        "a failed run's workers go soon, its head (dashboard, logs) stays to be inspected"
+    assert rules[("Failed", "DeleteCluster")] >= 3600
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
+    assert submitter["resources"]["requests"] and submitter["resources"]["limits"]
+    assert submitter["image"] == spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     assert "runtimeEnvYAML" not in spec, "runs install nothing: everything is in the image"
     assert len(job["metadata"]["name"]) + RUN_SUFFIX <= MAX_RAYJOB_NAME
     check_ray_cluster(spec["rayClusterSpec"], f"{name}/RayJob")
@@ -406,3 +417,121 @@ def test_launcher_will_not_start_beside_a_run_still_going(capsys):
         kube.server.shutdown()
     assert not any(m == "POST" for m, _ in kube.calls)
     assert "lookalike-pipeline-20261123-0200 still going" in capsys.readouterr().err
+
+
+# -- schemas: KubeRay and prometheus-operator CRDs, Kubernetes core kinds ---------------------------
+
+SCHEMAS = CLUSTER / "schemas"
+KUBERAY = "kuberay-v1.6.2"  # the operator version cluster/ is written for (cluster/base/kustomization.yaml)
+KUBERNETES = "1.33"  # the oldest Kubernetes minor we validate core kinds against (GKE regular channel)
+
+
+def _structural(node):
+    """A CRD's openAPIV3Schema as JSON Schema, with unknown fields refused (kubectl --validate=strict)."""
+    if isinstance(node, list):
+        return [_structural(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _structural(v) for k, v in node.items() if not k.startswith("x-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.get("nullable"):
+        out["type"] = [out["type"], "null"] if "type" in out else None
+        out.pop("nullable")
+        if out["type"] is None:
+            out.pop("type")
+    if "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(kind: str, api_version: str):
+    import jsonschema
+
+    group, version = api_version.split("/")
+    raw = json.loads((SCHEMAS / f"{kind.lower()}-{group}-{version}.json").read_text())
+    schema = _structural(raw)
+    schema["properties"]["metadata"] = {"type": "object"}
+    return raw["x-source"], jsonschema.Draft7Validator(schema)
+
+
+def deprecated_fields(node, banned: set[str], path="") -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in banned:
+                found.append(f"{path}/{k}")
+            found += deprecated_fields(v, banned, f"{path}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += deprecated_fields(v, banned, f"{path}/{i}")
+    return found
+
+
+def test_every_object_of_every_overlay_passes_its_schema(overlay):
+    import kubernetes_validate
+
+    name, by_kind = overlay
+    banned = set(json.loads((SCHEMAS / "deprecated-ray.io-v1.json").read_text())["fields"])
+    checked = collections.Counter()
+    for kind, docs in by_kind.items():
+        for doc in docs:
+            where = f"{name}/{kind}/{doc['metadata']['name']}"
+            if "." in doc["apiVersion"].split("/")[0] and not doc["apiVersion"].startswith(
+                    ("batch/", "rbac.authorization.k8s.io/")):
+                source, validator = crd_validator(kind, doc["apiVersion"])
+                errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+                assert not errors, f"{where} against {source}:\n" + "\n".join(errors[:10])
+                if doc["apiVersion"].startswith("ray.io/"):
+                    assert source == KUBERAY
+                    assert not deprecated_fields(doc["spec"], banned), \
+                        f"{where}: fields {KUBERAY} ignores: {deprecated_fields(doc['spec'], banned)}"
+            else:
+                kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+            checked[kind] += 1
+    assert checked == {"RayJob": 1, "RayService": 1, "CronJob": 1, "ServiceAccount": 2, "Role": 1,
+                       "RoleBinding": 1, "PodMonitor": 2}, checked
+
+
+def test_the_schema_check_refuses_what_the_operator_would_ignore():
+    """The validator is not a rubber stamp: a misspelt field, a wrong type and a bad enum all fail."""
+    job = copy.deepcopy(one({"RayJob": [d for d in render(CLUSTER / "overlays" / "prod") if d["kind"] == "RayJob"]},
+                            "RayJob"))
+    _, validator = crd_validator("RayJob", "ray.io/v1")
+    assert not list(validator.iter_errors(job))
+    bad = [("spec", "activeDeadlineSecond", 10), ("spec", "activeDeadlineSeconds", "1d"),
+           ("spec", "suspend", "yes")]
+    for parent, key, value in bad:
+        broken = copy.deepcopy(job)
+        broken[parent][key] = value
+        assert list(validator.iter_errors(broken)), (key, value)
+    broken = copy.deepcopy(job)
+    broken["spec"]["deletionStrategy"]["deletionRules"][0]["policy"] = "DeleteEverything"
+    assert list(validator.iter_errors(broken))
+    import kubernetes_validate
+
+    cron = copy.deepcopy(next(d for d in render(CLUSTER / "overlays" / "prod") if d["kind"] == "CronJob"))
+    cron["spec"]["schedul"] = cron["spec"].pop("schedule")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cron, KUBERNETES, strict=True)
+    svc = next(d for d in render(CLUSTER / "overlays" / "prod") if d["kind"] == "RayService")
+    banned = set(json.loads((SCHEMAS / "deprecated-ray.io-v1.json").read_text())["fields"])
+    assert "serviceUnhealthySecondThreshold" in banned
+    assert deprecated_fields({**svc["spec"], "serviceUnhealthySecondThreshold": 900}, banned)
+
+
+def test_rayservice_upgrades_by_new_cluster_and_pods_export_metrics(overlay):
+    name, by_kind = overlay
+    svc = one(by_kind, "RayService")["spec"]
+    assert svc["upgradeStrategy"]["type"] == "NewCluster"
+    monitors = {d["metadata"]["name"]: d["spec"] for d in by_kind["PodMonitor"]}
+    scraped = {(m["selector"]["matchLabels"]["ray.io/node-type"], e["port"])
+               for m in monitors.values() for e in m["podMetricsEndpoints"]}
+    for spec in (svc["rayClusterConfig"], one(by_kind, "RayJob")["spec"]["rayClusterSpec"]):
+        for group, g in pods(spec):
+            node_type = "head" if group == "head" else "worker"
+            ports = {p["name"] for p in g["template"]["spec"]["containers"][0].get("ports", [])}
+            assert (node_type, "metrics") in scraped and "metrics" in ports, f"{name}/{group}"
+            assert {p for t, p in scraped if t == node_type} <= ports, f"{name}/{group}: a scraped port is not named"
