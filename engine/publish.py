@@ -3,7 +3,8 @@ if nobody else moved it since this run looked at it.
 
 ``indexes/<model_version>/LATEST`` holds one line, the index version. A run reads the pointer
 when it starts (``read_pointer``) and publishes with that reading as the expected state: a
-compare-and-swap. On GCS the swap is a write with an ``ifGenerationMatch`` precondition; on a
+compare-and-swap. On GCS the swap is a write with an ``ifGenerationMatch`` precondition
+(google-cloud-storage's ``if_generation_match``); on a
 local disk it is a compare-and-replace under an ``O_EXCL`` lock file. Of two runs that start
 from the same LATEST, the first to publish wins and the second fails with PublishConflict
 instead of replacing a newer index with an older catalog's.
@@ -12,11 +13,13 @@ Old versions beyond ``storage.keep_versions`` are deleted, never the one LATEST 
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 import time
 import uuid
 from dataclasses import dataclass
+
+from google.api_core import exceptions as gcs_exceptions
 
 from engine.index import MANIFEST
 from engine.storage import Storage
@@ -44,12 +47,18 @@ def read_pointer(storage: Storage, model_version: str) -> Pointer:
         except FileNotFoundError:
             return Pointer(None, "")
         return Pointer(text.strip() or None, text)
-    bucket, key, _ = storage.fs.split_path(path)
-    try:  # one request: the content and the generation it belongs to
-        headers, body = storage.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
-    except FileNotFoundError:
-        return Pointer(None, "0")
-    return Pointer(body.decode().strip() or None, headers["x-goog-generation"])
+    for _ in range(5):
+        blob = _blob(storage, model_version)  # fresh: a blob that knows a generation reads only that one
+        try:
+            blob.reload()  # the generation
+        except gcs_exceptions.NotFound:
+            return Pointer(None, "0")
+        try:  # the content of exactly that generation; it moved in between: read again
+            body = blob.download_as_bytes(if_generation_match=blob.generation)
+        except gcs_exceptions.PreconditionFailed:
+            continue
+        return Pointer(body.decode().strip() or None, str(blob.generation))
+    raise PublishConflict(f"{path}: rewritten on every read; another publisher is looping")
 
 
 def latest(storage: Storage, model_version: str) -> str | None:
@@ -75,20 +84,44 @@ def swap(storage: Storage, model_version: str, version: str, expected: Pointer) 
 
 
 def _swap_gcs(storage: Storage, model_version: str, text: str, expected: Pointer) -> bool:
-    """A multipart upload with ifGenerationMatch (fake-gcs-server ignores it on uploadType=media)."""
-    bucket, key, _ = storage.fs.split_path(storage.path("indexes", model_version, POINTER))
-    boundary = uuid.uuid4().hex
-    meta = json.dumps({"name": key, "contentType": "text/plain", "cacheControl": "no-store"})
-    body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
-            f"--{boundary}\r\nContent-Type: text/plain\r\n\r\n{text}\r\n--{boundary}--\r\n").encode()
+    """A write with ifGenerationMatch (0: only if absent); 412 Precondition Failed: someone else won."""
+    blob = _blob(storage, model_version)
+    blob.cache_control = "no-store"  # a reader must never be served yesterday's LATEST from a cache
     try:
-        storage.fs.call("POST", storage.fs._location + "/upload/storage/v1/b/{}/o", bucket,
-                        uploadType="multipart", ifGenerationMatch=expected.token, data=body,
-                        headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
-    except FileExistsError:  # gcsfs's name for 412 Precondition Failed
+        blob.upload_from_string(text, content_type="text/plain", if_generation_match=int(expected.token))
+    except gcs_exceptions.PreconditionFailed:
         return False
     storage.fs.invalidate_cache(storage.path("indexes", model_version))
     return True
+
+
+def _blob(storage: Storage, model_version: str):
+    """The LATEST object through google-cloud-storage, with the endpoint and credentials of ``storage``."""
+    bucket, key, _ = storage.fs.split_path(storage.path("indexes", model_version, POINTER))
+    return gcs_client(storage.options).bucket(bucket).blob(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None, token: str | None, project: str | None):
+    from google.cloud import storage as gcs
+
+    if token == "anon":  # an emulator; a project is required but never used
+        from google.auth.credentials import AnonymousCredentials
+
+        credentials, project = AnonymousCredentials(), project or "anonymous"
+    elif token and token != "google_default":
+        from google.oauth2 import service_account
+
+        credentials = service_account.Credentials.from_service_account_file(token)
+    else:
+        credentials = None  # Application Default Credentials
+    options = {"api_endpoint": endpoint} if endpoint else None
+    return gcs.Client(project=project, credentials=credentials, client_options=options)
+
+
+def gcs_client(options: dict):
+    """A google-cloud-storage Client for gcsfs-style storage options (engine.storage.gcs_options)."""
+    return _client(options.get("endpoint_url"), options.get("token"), options.get("project"))
 
 
 def _swap_local(storage: Storage, model_version: str, text: str, expected: Pointer) -> bool:

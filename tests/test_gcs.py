@@ -152,3 +152,26 @@ def test_catalog_file_and_images_on_gcs_are_read_with_the_configured_endpoint(ra
     stage = DownloadStage(DownloadConfig().model_dump(), 64, storage_options=gcs_options(cfg.storage))
     out = asyncio.run(stage(pa.Table.from_pylist(rows))).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 6 + ["rejected"] and out[-1]["reason"] == "not_found"
+
+
+def test_gcs_swap_is_a_generation_precondition_seen_by_any_client(gcs_emulator, bucket):
+    """LATEST rewritten by another tool (any GCS client) after a run read it: the run's swap is refused,
+    and what a winner writes is readable, uncached, by plain google-cloud-storage."""
+    store = Storage(f"{bucket}/{uuid.uuid4().hex[:8]}", gcs_emulator.options())
+    fake_version(store, "v0")
+    publish.publish(store, MV, "v0", keep=5)
+    seen = publish.read_pointer(store, MV)
+    def blob():
+        return publish.gcs_client(store.options).bucket(bucket.split("://")[1]).get_blob(
+            store.path("indexes", MV, "LATEST").split("/", 1)[1])
+
+    now = blob()
+    assert str(now.generation) == seen.token and now.cache_control == "no-store"
+    now.upload_from_string("v0-by-hand\n", if_generation_match=now.generation)
+    fake_version(store, "v1")
+    with pytest.raises(publish.PublishConflict, match="moved from v0 to v0-by-hand"):
+        publish.publish(store, MV, "v1", keep=5, expected=seen)
+    fresh = publish.read_pointer(store, MV)
+    publish.publish(store, MV, "v1", keep=5, expected=fresh)
+    now = blob()
+    assert now.download_as_bytes() == b"v1\n" and int(seen.token) < int(fresh.token) < now.generation
