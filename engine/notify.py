@@ -5,8 +5,10 @@ speaks up as it goes. Two transports, both through ``slack_sdk``: a bot token wi
 (``WebClient.chat_postMessage``; ``notify.base_url`` points it elsewhere, e.g. at a test server)
 or an incoming webhook. Secrets come from an environment variable or a mounted secret file
 whose *names* are in the config, never from the config itself. With neither, notifications are
-off and the log says so once. Slack being down never fails a run: each message gets
-``1 + notify.retries`` attempts of at most ``notify.timeout_s`` each, then a warning.
+off and the log says so once. Slack being down never fails a run: slack_sdk's retry handlers give
+each message up to ``notify.retries`` more attempts (a 429 waits what its Retry-After says;
+connection errors and 5xx wait ``notify.retry_wait_s``), each of at most ``notify.timeout_s``,
+then a warning.
 """
 from __future__ import annotations
 
@@ -53,13 +55,13 @@ class Notifier:
             from slack_sdk import WebClient
 
             client = WebClient(token=token, base_url=cfg.base_url, timeout=int(max(1, cfg.timeout_s)),
-                               retry_handlers=[])
+                               retry_handlers=retry_handlers(cfg))
             self._post = lambda text: client.chat_postMessage(channel=cfg.channel, text=text, mrkdwn=True)
             self.transport = f"bot token from {token_from} -> {cfg.channel}"
         elif webhook:
             from slack_sdk.webhook import WebhookClient
 
-            hook = WebhookClient(webhook, timeout=int(max(1, cfg.timeout_s)), retry_handlers=[])
+            hook = WebhookClient(webhook, timeout=int(max(1, cfg.timeout_s)), retry_handlers=retry_handlers(cfg))
             self._post = lambda text: _check_webhook(hook.send(text=text))
             self.transport = f"webhook from {webhook_from}"
         else:
@@ -76,20 +78,28 @@ class Notifier:
         """Post one message; False (and a warning) when Slack did not take it. Never raises."""
         if not self.enabled:
             return False
-        attempts = 1 + self.cfg.retries
         with self.lock:
-            for attempt in range(1, attempts + 1):
-                try:
-                    self._post(text)
-                    self.sent.append(text)
-                    return True
-                except Exception as exc:  # noqa: BLE001 - any Slack trouble is a warning, not a failed run
-                    error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                if attempt < attempts:
-                    time.sleep(self.cfg.retry_wait_s * attempt)
-            log.warning("Slack message not sent after %d attempts (%s); last error %s; message was: %s",
-                        attempts, self.transport, error, text.splitlines()[0])
-            return False
+            try:
+                self._post(text)
+                self.sent.append(text)
+                return True
+            except Exception as exc:  # noqa: BLE001 - any Slack trouble is a warning, not a failed run
+                log.warning("Slack message not sent after %d attempts (%s); last error %s: %s; message was: %s",
+                            1 + self.cfg.retries, self.transport, type(exc).__name__, str(exc)[:200],
+                            text.splitlines()[0])
+                return False
+
+
+def retry_handlers(cfg: NotifyConfig) -> list:
+    """slack_sdk's own retries: rate limits honour Retry-After, connection errors and 5xx wait retry_wait_s."""
+    from slack_sdk.http_retry import (ConnectionErrorRetryHandler, FixedValueRetryIntervalCalculator,
+                                      RateLimitErrorRetryHandler)
+    from slack_sdk.http_retry.builtin_handlers import ServerErrorRetryHandler
+
+    wait = FixedValueRetryIntervalCalculator(cfg.retry_wait_s)
+    return [RateLimitErrorRetryHandler(max_retry_count=cfg.retries),
+            ConnectionErrorRetryHandler(max_retry_count=cfg.retries, interval_calculator=wait),
+            ServerErrorRetryHandler(max_retry_count=cfg.retries, interval_calculator=wait)]
 
 
 def _check_webhook(response) -> None:

@@ -25,18 +25,32 @@ WEBHOOK_ENV = "LOOKALIKE_TEST_SLACK_WEBHOOK"
 
 
 class FakeSlack:
-    """Records what Slack would have received; ``outage=True`` answers 503 to everything."""
+    """Records what Slack would have received; ``outage=True`` answers 503 to everything; ``script``
+    plays answers to the next requests first: "429" (rate limited, Retry-After: 1), "drop" (the
+    connection closed with no answer)."""
 
     def __init__(self):
         self.requests: list[dict] = []
         self.outage = False
+        self.script: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("authorization"),
-                                       "body": json.loads(body or b"{}")})
+                                       "body": json.loads(body or b"{}"), "at": time.monotonic()})
+                step = outer.script.pop(0) if outer.script else None
+                if step == "429":
+                    self.send_response(429)
+                    self.send_header("retry-after", "1")
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                if step == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if outer.outage:
                     return self._answer(503, b"upstream connect error", "text/plain")
                 if self.path == "/api/chat.postMessage":
@@ -160,6 +174,23 @@ def test_slack_outage_never_fails_a_run(ray_cluster, slack, tmp_path, monkeypatc
     assert len(slack.requests) == 2 * 3  # started + failed, each 1 + notify.retries attempts
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("not sent after 3 attempts" in w for w in warnings)
+
+
+@pytest.mark.parametrize("transport", ["token", "webhook"])
+def test_rate_limit_waits_retry_after_and_connection_errors_are_retried(slack, tmp_path, monkeypatch, transport):
+    """slack_sdk's retry handlers: 429 + Retry-After: 1, then a dropped connection, then 200: one message."""
+    monkeypatch.setenv(TOKEN_ENV, "xoxb-test-token")
+    monkeypatch.setenv(WEBHOOK_ENV, f"{slack.url}/hooks/T1/B1/X")
+    sets = ([f"notify.token_env={TOKEN_ENV}", "notify.channel='#ops'", f"notify.base_url={slack.url}/api/"]
+            if transport == "token" else [f"notify.slack_webhook_env={WEBHOOK_ENV}"])
+    n = notify.Notifier(make_config("c.parquet", tmp_path, *sets, "notify.retries=2", "notify.retry_wait_s=0").notify)
+    slack.script = ["429", "drop"]
+    assert n.send("hello after a rate limit") is True
+    assert [r["body"]["text"] for r in slack.requests] == ["hello after a rate limit"] * 3
+    assert slack.requests[1]["at"] - slack.requests[0]["at"] >= 1.0, "Retry-After: 1 not honoured"
+    slack.requests.clear()
+    slack.script = ["429", "429", "429"]
+    assert n.send("given up") is False and len(slack.requests) == 3  # 1 + notify.retries
 
 
 def test_token_from_a_mounted_secret_file(slack, tmp_path):
