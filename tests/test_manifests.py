@@ -316,7 +316,7 @@ def test_dockerfile_matches_the_pins_and_copies_what_exists():
     for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for src in line.split():
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
-    assert "torch==2.14.1" in text and '"torch==2.14.1"' in (ROOT / "pyproject.toml").read_text()
+    assert locked()["torch"][0] == "2.14.1" and '"torch==2.14.1"' in (ROOT / "pyproject.toml").read_text()
 
 
 # -- the launcher ---------------------------------------------------------------------------------
@@ -535,3 +535,48 @@ def test_rayservice_upgrades_by_new_cluster_and_pods_export_metrics(overlay):
             ports = {p["name"] for p in g["template"]["spec"]["containers"][0].get("ports", [])}
             assert (node_type, "metrics") in scraped and "metrics" in ports, f"{name}/{group}"
             assert {p for t, p in scraped if t == node_type} <= ports, f"{name}/{group}: a scraped port is not named"
+
+
+# -- the image's lock file ------------------------------------------------------------------------
+
+LOCK = CLUSTER / "requirements.lock"
+
+
+def locked() -> dict:
+    """name -> (version, [sha256]) from a pip-compile --generate-hashes file."""
+    from packaging.utils import canonicalize_name
+
+    out, current = {}, None
+    for line in LOCK.read_text().splitlines():
+        pin = re.match(r"^([A-Za-z0-9_.-]+)==([^\s\\;]+)", line)
+        if pin:
+            current = canonicalize_name(pin.group(1))
+            out[current] = (pin.group(2), [])
+        for digest in re.findall(r"--hash=sha256:([0-9a-f]{64})", line):
+            out[current][1].append(digest)
+    return out
+
+
+def test_lock_pins_every_dependency_with_hashes_and_the_image_installs_it():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = locked()
+    assert len(pins) > 50 and all(hashes for _, hashes in pins.values()), "every pin carries its hashes"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is in pyproject.toml but not in {LOCK.name}: re-run pip-compile"
+        assert req.specifier.contains(pins[name][0], prereleases=True), \
+            f"{req.name}: locked {pins[name][0]} does not satisfy {req.specifier} in pyproject.toml"
+        for extra in req.extras:  # ray[data,serve]: what the extras pull in is locked too
+            import importlib.metadata as md
+
+            wanted = [Requirement(r) for r in md.requires(req.name) or []]
+            for sub in wanted:
+                if sub.marker and sub.marker.evaluate({"extra": extra}) and not sub.marker.evaluate({"extra": ""}):
+                    assert canonicalize_name(sub.name) in pins, f"{sub.name} (from {dep}) not locked"
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install --require-hashes --no-deps -r cluster/requirements\.lock$", docker, re.M)
+    assert re.search(r"^RUN pip install --no-deps -e \.$", docker, re.M), "the app itself adds no dependency"
