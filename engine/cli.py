@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from engine import config
@@ -16,10 +15,15 @@ def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
                    help="YAML config (default: the embedded configs/local.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config key, e.g. --set embed.batch_size=64 (repeatable)")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper, default=None,
+                   help="same as --set log.level=LEVEL")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="same as --set log.format=FORMAT; json: one object per line with run_id and stage")
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogs.")
+    ap.add_argument("--version", action="version", version=f"lookalike {version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sample catalog -> pipeline -> service on 127.0.0.1 -> example queries")
     _common(demo)
@@ -38,11 +42,42 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), with the Ray it runs on."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        ours = dist_version("lookalike")
+    except PackageNotFoundError:
+        ours = "unknown (not installed)"
+    try:
+        return f"{ours} (ray {dist_version('ray')})"
+    except PackageNotFoundError:
+        return ours
+
+
+def overrides(args, *more: str) -> list[str]:
+    """--set, then the flags that are shorthands for config keys."""
+    flags = [f"log.level={args.log_level}"] * bool(args.log_level) + [f"log.format={args.log_format}"] * bool(
+        args.log_format)
+    return args.overrides + list(more) + flags
+
+
+def load(args, *more: str) -> config.Config:
+    """The command's config; the log is set up from it (log.level, log.format)."""
+    from engine import logs
+
+    cfg = config.load(args.config, overrides(args, *more))
+    logs.setup(cfg.log.level, cfg.log.format)
+    return cfg
+
+
 def cmd_demo(args) -> int:
     from engine import demo
 
-    overrides = args.overrides + ([f"serve.port={args.port}"] if args.port else [])
-    result = demo.run(args.products, args.keep_serving, args.config, overrides, queries=args.queries)
+    port = [f"serve.port={args.port}"] if args.port else []
+    load(args, *port)
+    result = demo.run(args.products, args.keep_serving, args.config, overrides(args, *port), queries=args.queries)
     if not args.keep_serving:
         import ray
 
@@ -54,7 +89,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from engine import pipeline, report
 
-    cfg = config.load(args.config, args.overrides + (["plan.full=true"] if args.full else []))
+    cfg = load(args, *(["plan.full=true"] if args.full else []))
     try:
         rep = pipeline.run(cfg)
     except pipeline.RunFailed as exc:
@@ -69,7 +104,7 @@ def cmd_run(args) -> int:
 def cmd_serve(args) -> int:
     from serve import app
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = load(args)
     base = app.start(cfg)
     print(f"Serving {cfg.embed.model_version} on {base} (OpenAPI: {base}/docs); Ctrl-C to stop", flush=True)
     from engine.demo import _block
@@ -81,7 +116,7 @@ def cmd_serve(args) -> int:
 def cmd_validate(args) -> int:
     from engine import validate
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = load(args)
     try:
         from engine.storage import gcs_options
 
@@ -94,8 +129,10 @@ def cmd_validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine import logs
+
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level or "INFO", args.log_format or "text")  # until the config says otherwise
     try:
         return {"demo": cmd_demo, "run": cmd_run, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except config.ConfigError as exc:

@@ -30,6 +30,13 @@ class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1)
     temp_dir: Optional[str] = None
     dashboard: Optional[bool] = Field(None, description="None: Ray's default (on when its packages are installed)")
+    log_to_driver: bool = Field(True, description="worker logs to the driver, so `ray job logs` has them")
+
+
+class LogConfig(_Section):
+    """The process's log (``--log-level``, ``--log-format`` on every command)."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field("text", description="json: one object per line with run_id and stage")
 
 
 class SourceConfig(_Section):
@@ -286,6 +293,9 @@ class NotifyConfig(_Section):
     max_reject_ratio: float = Field(0.05, ge=0, le=1)
     reject_check_min_rows: int = Field(1000, ge=1, description="rows seen before the ratio is judged mid-run")
     logs_url: Optional[str] = Field(None, description="where logs are; {run_id} and {submission_id} filled in")
+    pushgateway_url: Optional[str] = Field(None, description="Prometheus Pushgateway for the run's final metrics; "
+                                           "None: not pushed")
+    pushgateway_job: str = Field("lookalike_pipeline", description="the Pushgateway job label")
 
     @model_validator(mode="after")
     def _channel_for_token(self):
@@ -303,6 +313,7 @@ class Config(_Section):
     source: SourceConfig
     plan: PlanConfig = Field(default_factory=PlanConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     detect: DetectConfig = Field(default_factory=DetectConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from engine import logs
 from engine.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -20,19 +21,23 @@ def loopback_env() -> dict:
             "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def connect(cfg: RayConfig, quiet: bool = True):
+def connect(cfg: RayConfig, quiet: bool | None = None):
+    """Join or start Ray. Worker logs reach the driver (and so `ray job logs`) unless
+    ``ray.log_to_driver`` is false or ``quiet``; workers log at the driver's level and format."""
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    to_driver = cfg.log_to_driver if quiet is None else not quiet
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    env = logs.worker_runtime_env()
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, log_to_driver=to_driver, runtime_env=env)
     else:
         os.environ.update(loopback_env())
-        ray.init(num_cpus=cfg.num_cpus, _temp_dir=cfg.temp_dir, dashboard_host="127.0.0.1",
-                 include_dashboard=cfg.dashboard, _node_ip_address="127.0.0.1", log_to_driver=not quiet)
+        ray.init(num_cpus=cfg.num_cpus, _temp_dir=cfg.temp_dir, dashboard_host="127.0.0.1", runtime_env=env,
+                 include_dashboard=cfg.dashboard, _node_ip_address="127.0.0.1", log_to_driver=to_driver)
     _quiet_data_logs()
     return ray.get_runtime_context()
 
@@ -41,7 +46,7 @@ def _quiet_data_logs() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = logs.current_format() != "json"  # a log pipeline wants records, not bars
     ctx.print_on_execution_start = False
 
 

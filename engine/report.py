@@ -12,6 +12,7 @@ import time
 
 import pyarrow as pa
 
+from engine import logs
 from engine.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Report:
             "rejects_uri": storage.uri("runs", run_id, "rejects.parquet"),
         }
         self.observers: list = []
+        logs.set_context(run_id=run_id, stage=None)
 
     def observe(self, *observers) -> None:
         """Attach observers (Slack, metrics); each hears on_start now, then every event."""
@@ -56,12 +58,14 @@ class Report:
     @contextlib.contextmanager
     def stage(self, name: str):
         self.current = name
+        logs.set_context(stage=name)
         t = time.time()
         self._emit("on_stage_start", name)
         try:
             yield
         finally:
             self.data["stages"][name] = {"seconds": round(time.time() - t, 3)}
+            logs.set_context(stage=None)
             self._emit("on_stage_end", name, self.data["stages"][name]["seconds"])
         self.current = None
 

@@ -60,3 +60,46 @@ def test_missing_catalog_is_a_clear_failure(ray_cluster, tmp_path):
                        "--set", f"storage.root={tmp_path}/store")
     assert result.returncode == 1
     assert "no such file" in result.stderr and "source.path" in result.stderr
+
+
+def test_version_names_the_package_and_ray():
+    import tomllib
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "engine", "--version"], capture_output=True, text=True)
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert result.returncode == 0 and result.stdout.strip() == f"lookalike {project['version']} (ray 2.60.0)"
+
+
+def test_log_flags_on_every_command_are_config_keys():
+    from engine import cli
+
+    for command in ("demo", "run", "serve", "validate"):
+        argv = [command] + (["gs://b/indexes/mv"] if command == "validate" else []) + [
+            "--log-level", "warning", "--log-format", "json"]
+        args = cli.parser().parse_args(argv)
+        assert cli.overrides(args)[-2:] == ["log.level=WARNING", "log.format=json"], command
+    cfg = cli.load(cli.parser().parse_args(["run", "--log-level", "ERROR"]))
+    assert cfg.log.level == "ERROR" and cfg.log.format == "text"
+
+
+def test_json_log_is_one_object_per_line_with_run_id_and_stage(ray_cluster, small_catalog, tmp_path):
+    import json
+    import re
+
+    result = lookalike(ray_cluster, "run", "--log-format", "json", "--set", f"source.path={small_catalog}",
+                       "--set", f"storage.root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"^run (\S+): PUBLISHED", result.stdout, re.M).group(1)
+    records = []
+    for line in result.stderr.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+        else:  # what is not ours: Ray's forwarded worker lines "(Actor pid=..) ..."
+            assert not re.search(r"\b(INFO|WARNING|ERROR) engine\.", line), f"a text log line: {line}"
+    ours = [r for r in records if r["logger"].startswith("engine.")]
+    assert ours and all(set(r) >= {"time", "level", "logger", "message", "run_id", "stage"} for r in records)
+    assert {r["run_id"] for r in ours if r["run_id"]} == {run_id}
+    stages = {r["stage"] for r in ours}
+    assert {"connect", "download_embed_store"} & stages, stages
+    assert "\r" not in result.stderr, "no progress bars in a json log"
