@@ -9,6 +9,10 @@ Pipeline (driver, while the run goes): rows by outcome, rejects by reason, rows/
 running now and items/s of each finished stage, stage seconds, index size per category.
 Service (every SearchAPI replica): request latency histogram per route, and which index
 version each replica serves (1 for the version in service, 0 for the one it replaced).
+
+A batch run's cluster is deleted minutes after it ends, before Prometheus has scraped it for the
+last time, so ``RunPush`` also pushes the finished run's numbers to a Pushgateway
+(``notify.pushgateway_url``), grouped by job and model version: the group holds the last run.
 """
 from __future__ import annotations
 
@@ -125,6 +129,63 @@ class RunMetrics(_Metrics):
             for category, (items, size) in index_sizes(self.root, self.mv, data["index_version"]).items():
                 m["items"].set(items, tags={**tags, "category": category})
                 m["bytes"].set(size, tags={**tags, "category": category})
+
+
+SUCCESS = ("published", "unchanged")
+
+
+class RunPush:
+    """A Report observer: on finish, the run's final numbers to a Prometheus Pushgateway."""
+
+    def __init__(self, cfg):
+        self.url = cfg.notify.pushgateway_url
+        self.job = cfg.notify.pushgateway_job
+        self.timeout_s = cfg.notify.timeout_s
+
+    def on_finish(self, data: dict) -> None:
+        if not self.url:
+            return
+        from prometheus_client import push_to_gateway
+
+        push_to_gateway(self.url, job=self.job, registry=run_registry(data),
+                        grouping_key={"model_version": data["model_version"]}, timeout=self.timeout_s)
+        log.info("run metrics pushed to %s (job %s)", self.url, self.job)
+
+
+def run_registry(data: dict):
+    """The finished run as Prometheus gauges (names: lookalike_run_*), in a registry of its own."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    reg = CollectorRegistry()
+
+    def gauge(name, doc, labels=()):
+        return Gauge(f"lookalike_run_{name}", doc, labels, registry=reg)
+
+    rows = gauge("rows", "catalog rows of the last run by outcome", ("outcome",))
+    for outcome, n in data["counts"].items():
+        rows.labels(outcome).set(n)
+    rejects = gauge("rejects", "rejected rows of the last run by reason", ("reason",))
+    for reason, n in data.get("rejects_by_reason", {}).items():
+        rejects.labels(str(reason)).set(n)
+    seconds = gauge("stage_seconds", "wall seconds of each stage of the last run", ("stage",))
+    rate = gauge("stage_items_per_second", "items/s of each stage of the last run", ("stage",))
+    for name, st in data.get("stages", {}).items():
+        seconds.labels(name).set(st["seconds"])
+        if st.get("items_per_s") is not None:
+            rate.labels(name).set(st["items_per_s"])
+    projected = gauge("projected_seconds", "projected time for the whole catalog at the configured actors",
+                      ("stage",))
+    for name, st in (data.get("projection") or {}).get("stages", {}).items():
+        if st.get("projected_s") is not None:
+            projected.labels(name).set(st["projected_s"])
+    gauge("success", "1 if the last run published (or had nothing new), 0 if it failed").set(
+        int(data["status"] in SUCCESS))
+    gauge("status", "1 for the last run's status", ("status",)).labels(data["status"]).set(1)
+    gauge("elapsed_seconds", "wall seconds of the last run").set(data.get("elapsed_s", 0))
+    gauge("finished_timestamp_seconds", "when the last run finished").set(time.time())
+    gauge("info", "1, labelled with the last run's ids", ("run_id", "index_version")).labels(
+        data["run_id"], str(data.get("index_version") or "")).set(1)
+    return reg
 
 
 def index_sizes(root, model_version: str, index_version: str) -> dict[str, tuple[int, int]]:

@@ -181,7 +181,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     storage = Storage.from_config(cfg.storage)
     mv = cfg.embed.model_version
     report = Report(run_id, mv, storage)
-    report.observe(metrics.RunMetrics(storage), notify.RunNotifier(cfg))  # dashboard + Slack
+    report.observe(metrics.RunMetrics(storage), notify.RunNotifier(cfg), metrics.RunPush(cfg))  # dashboard, Slack, Pushgateway
     try:
         with report.stage("connect"):
             raycluster.connect(cfg.ray)
@@ -199,6 +199,9 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             ds = build_dataset(cfg, run_id, device, storage, known, detect_version, throttle)
             manifest = _consume(ds, report, storage, run_id, cfg, detect_version)
             report.data["download"] = download.stats(throttle)
+            report.measure(ds, {"plan": (1, 1), "download": (cfg.download.actors, download.CALLS_PER_ACTOR),
+                                "detect": (cfg.detect.actors, 1), "embed": (cfg.embed.actors, 1)},
+                           {"download": cfg.download.max_rps})
         report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]
         counts["removed"] = _removed(storage, mv, manifest)

@@ -1,4 +1,5 @@
-"""The run report: counts by outcome and reason, per-stage timings, and a human summary.
+"""The run report: counts by outcome and reason, per-stage timings, where the time goes, and a
+human summary.
 
 Written to ``runs/<run_id>/report.json`` at the end of every run, failed ones included, so
 the question "what happened last night" always has an answer.
@@ -75,6 +76,32 @@ class Report:
         # No work done is no throughput: a run that only reused features must not read as 0/s on the dashboard.
         s["items_per_s"] = round(items / s["seconds"], 2) if s["seconds"] and items else None
 
+    def measure(self, ds, pools: dict[str, tuple[int, int]], caps: dict[str, float] | None = None) -> None:
+        """Per streaming stage: rows and busy seconds from Ray Data's stats of this run's execution.
+        ``pools``: stage -> (configured actors, calls in flight per actor); ``caps``: stage -> rows/s
+        it can never exceed (download.max_rps)."""
+        try:  # Ray Data exposes per-operator stats only as text publicly; this is the structured form
+            summary = ds._get_stats_summary()
+        except Exception:  # noqa: BLE001 - no projection is a smaller report, not a failed run
+            log.warning("no per-stage stats from Ray Data; the report has no projection", exc_info=True)
+            return
+        stages: dict[str, dict] = {}
+        for op in _operators(summary):
+            name = _stage_of(op.operator_name)
+            if name is None or not op.wall_time or not op.output_num_rows or not op.total_input_num_rows:
+                continue
+            busy, rows = float(op.wall_time.sum), int(op.output_num_rows.sum)
+            window = (op.latest_end_time - op.earliest_start_time) if op.earliest_start_time else 0.0
+            actors, calls = pools.get(name, (None, 1))
+            st = stages.setdefault(name, {"rows": 0, "busy_s": 0.0, "actors": actors, "calls_per_actor": calls})
+            st["rows"] += rows
+            st["busy_s"] = round(st["busy_s"] + busy, 3)
+            if actors is None:  # a task stage: as parallel as it was in this run
+                st["parallelism"] = round(max(1.0, busy / window) if window > 0 else 1.0, 2)
+            if caps and caps.get(name):
+                st["cap_per_s"] = caps[name]
+        self.data["throughput"] = stages
+
     def count_outcomes(self, batch: pa.Table) -> None:
         counts = self.data["counts"]
         cats = collections.Counter(self.data["categories"])
@@ -103,9 +130,82 @@ class Report:
             self.data["failed_stage"] = self.current
         self.data["elapsed_s"] = round(time.time() - self.t0, 3)
         try:
+            self.data["projection"] = projection(self.data)
+        except Exception:  # noqa: BLE001
+            log.warning("projection failed; the report goes out without it", exc_info=True)
+        try:
             self.storage.write_json(self.data, "runs", self.data["run_id"], "report.json")
         finally:  # a run whose report cannot be written is still announced
             self._emit("on_finish", self.data)
+
+
+STREAM_STAGES = (("Read", "read"), ("PlanStage", "plan"), ("Repartition", "repartition"),
+                 ("DownloadStage", "download"), ("DetectStage", "detect"), ("EmbedStage", "embed"),
+                 ("write_batch", "store"))
+
+
+def _stage_of(operator: str) -> str | None:
+    if operator.startswith("ListFiles"):
+        return None  # one listing, whatever the catalog size
+    return next((name for key, name in STREAM_STAGES if key in operator), None)
+
+
+def _operators(summary):
+    for op in summary.operators_stats:
+        yield op
+    for parent in summary.parents:
+        yield from _operators(parent)
+
+
+def projection(report: dict) -> dict | None:
+    """Per stage: measured rate (rows/s at this run's workers) and the time for the whole catalog.
+
+    A streaming stage's capacity is rows / busy worker-seconds x its workers (the configured
+    actors x calls in flight per actor; a task stage: the parallelism it had), capped by its rate
+    limit; its projected time is the catalog's rows / capacity. The streaming stages overlap, so the
+    slowest of them bounds the run; the index build follows it and scales with the items indexed.
+    """
+    rows = report["counts"]["rows_in"]
+    measured = report.get("throughput")
+    if not rows or not measured:
+        return None
+    stages = {}
+    order = [name for _, name in STREAM_STAGES]
+    for name, st in sorted(measured.items(), key=lambda kv: order.index(kv[0])):
+        workers = (st["actors"] * st["calls_per_actor"]) if st.get("actors") else st.get("parallelism", 1.0)
+        per_worker = st["rows"] / st["busy_s"] if st["busy_s"] > 0 else None
+        capacity = per_worker * workers if per_worker else None
+        if capacity and st.get("cap_per_s"):
+            capacity = min(capacity, st["cap_per_s"])
+        stages[name] = {"rows": st["rows"], "workers": workers,  # rate_per_s: at those workers
+                        "rate_per_worker_s": round(per_worker, 2) if per_worker else None,
+                        "rate_per_s": round(capacity, 2) if capacity else None,
+                        "projected_s": round(rows / capacity, 1) if capacity else None}
+    index = report.get("stages", {}).get("index")
+    indexed = report["counts"].get("indexed")
+    if index and indexed and index["seconds"] > 0:
+        rate = indexed / index["seconds"]
+        stages["index"] = {"rows": indexed, "workers": None, "rate_per_worker_s": None, "rate_per_s": round(rate, 2),
+                           "projected_s": round(rows / rate, 1)}
+    streaming = {k: v for k, v in stages.items() if k != "index" and v["projected_s"] is not None}
+    if not streaming:
+        return None
+    bounding = max(streaming, key=lambda k: streaming[k]["projected_s"])
+    fixed = sum(report.get("stages", {}).get(k, {}).get("seconds", 0) for k in ("connect", "validate", "publish"))
+    total = streaming[bounding]["projected_s"] + stages.get("index", {}).get("projected_s", 0) + fixed
+    return {"catalog_rows": rows, "stages": stages, "bounding_stage": bounding, "projected_run_s": round(total, 1)}
+
+
+def _rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
 
 
 def summary(report: dict) -> str:
@@ -129,6 +229,13 @@ def summary(report: dict) -> str:
         lines.append("  stages: " + ", ".join(
             f"{k} {v['seconds']:.1f}s" + (f" ({v['items_per_s']:.1f}/s)" if v.get("items_per_s") else "")
             for k, v in stages.items()))
+    proj = report.get("projection")
+    if proj:
+        lines.append(f"  projected for the whole catalog ({proj['catalog_rows']} rows) at the configured actors: "
+                     f"~{_duration(proj['projected_run_s'])}, bounded by {proj['bounding_stage']}")
+        lines.append("    " + ", ".join(
+            f"{k} {_rate(v['rate_per_s'])}/s" + (f" x{v['workers']:g}" if v.get("workers") else "")
+            + f" -> {_duration(v['projected_s'])}" for k, v in proj["stages"].items() if v["projected_s"] is not None))
     val = report.get("validation")
     if val:
         lines.append(f"  validation: {'ok' if val['ok'] else 'FAILED'} recall@10 {val.get('recall_at_10')} "

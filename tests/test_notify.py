@@ -81,6 +81,40 @@ class FakeSlack:
         self.server.server_close()
 
 
+class FakePushgateway:
+    """Records each push (method, path, body) as a Prometheus Pushgateway would receive it."""
+
+    def __init__(self):
+        self.pushes: list[tuple[str, str, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self):
+                outer.pushes.append((self.command, self.path, self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_PUT = do_POST = _record
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def samples(self, i: int = -1) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for f in text_string_to_metric_families(self.pushes[i][2].decode()) for s in f.samples}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
 def slack():
     server = FakeSlack()
@@ -97,22 +131,24 @@ def small_catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def succeeded(ray_cluster, published, small_catalog, tmp_path_factory):
     """A run through the bot-token transport, on a store whose LATEST is the session's published index."""
-    server = FakeSlack()
+    server, gateway = FakeSlack(), FakePushgateway()
     root = tmp_path_factory.mktemp("notify-store")
     base_cfg, base_rep = published
     shutil.copytree(Storage(base_cfg.storage.root).path("indexes"), root / "indexes")
     cfg = make_config(small_catalog, root, f"notify.token_env={TOKEN_ENV}", "notify.channel='#lookalike-ops'",
                       f"notify.base_url={server.url}/api/", "notify.environment=test",
-                      "notify.stage_budgets_s={download_embed_store: 0.001, index: 3600}")
+                      "notify.stage_budgets_s={download_embed_store: 0.001, index: 3600}",
+                      f"notify.pushgateway_url={gateway.url}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TOKEN_ENV, "xoxb-test-token")
         rep = pipeline.run(cfg)
     server.close()
-    return cfg, rep, server.requests, base_rep
+    gateway.close()
+    return cfg, rep, server.requests, base_rep, gateway
 
 
 def test_succeeding_run_says_started_slow_stage_rejects_and_summary_in_order(succeeded):
-    cfg, rep, requests, base_rep = succeeded
+    cfg, rep, requests, base_rep, _ = succeeded
     assert rep["status"] == "published"
     assert all(r["path"] == "/api/chat.postMessage" and r["auth"] == "Bearer xoxb-test-token"
                and r["body"]["channel"] == "#lookalike-ops" for r in requests)
@@ -260,7 +296,7 @@ def wait_for(check, timeout_s=60):
 
 
 def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
-    cfg, rep, _, _ = succeeded
+    cfg, rep, _, _, _ = succeeded
     mv = cfg.embed.model_version
 
     def value(seen, name, **labels):
@@ -278,3 +314,72 @@ def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
     assert value(seen, "ray_lookalike_index_bytes", category="shoes") > 0
     assert value(seen, "ray_lookalike_stage_items_per_second", stage="download_embed_store") > 0
     assert value(seen, "ray_lookalike_stage_seconds", stage="index") >= 0
+
+
+# -- the Pushgateway: the run's final numbers outlive its cluster ----------------------------------
+
+def test_finished_run_is_pushed_to_the_pushgateway(succeeded):
+    cfg, rep, _, _, gateway = succeeded
+    assert len(gateway.pushes) == 1
+    method, path, _ = gateway.pushes[0]
+    assert method == "PUT" and path == f"/metrics/job/lookalike_pipeline/model_version/{cfg.embed.model_version}"
+    got = gateway.samples()
+
+    def value(name, **labels):
+        return got[(name, frozenset(labels.items()))]
+
+    for outcome, n in rep["counts"].items():
+        assert value("lookalike_run_rows", outcome=outcome) == n
+    assert value("lookalike_run_rejects", reason="not_found") == rep["rejects_by_reason"]["not_found"] == 1
+    for stage, st in rep["stages"].items():
+        assert value("lookalike_run_stage_seconds", stage=stage) == st["seconds"]
+    assert value("lookalike_run_stage_items_per_second", stage="download_embed_store") == \
+        rep["stages"]["download_embed_store"]["items_per_s"] > 0
+    assert value("lookalike_run_success") == 1 and value("lookalike_run_status", status="published") == 1
+    assert value("lookalike_run_elapsed_seconds") == rep["elapsed_s"]
+    assert value("lookalike_run_info", run_id=rep["run_id"], index_version=rep["index_version"]) == 1
+
+
+def test_failed_run_is_pushed_as_a_failure_and_a_dead_gateway_fails_nothing(ray_cluster, tmp_path, caplog):
+    from conftest import free_port
+
+    gateway = FakePushgateway()
+    try:
+        cfg = make_config(str(tmp_path / "absent.parquet"), tmp_path / "store", f"notify.pushgateway_url={gateway.url}")
+        with pytest.raises(pipeline.RunFailed):
+            pipeline.run(cfg)
+        got = gateway.samples()
+        assert got[("lookalike_run_success", frozenset())] == 0
+        assert got[("lookalike_run_status", frozenset({"status": "failed"}.items()))] == 1
+    finally:
+        gateway.close()
+    dead = make_config(str(tmp_path / "absent.parquet"), tmp_path / "store",
+                       f"notify.pushgateway_url=http://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING, logger="engine.report"), pytest.raises(pipeline.RunFailed) as failed:
+        pipeline.run(dead)
+    assert "no such file" in str(failed.value)  # the run's own error, not the gateway's
+    assert any("RunPush.on_finish failed" in r.getMessage() for r in caplog.records)
+
+
+def test_report_slack_and_pushgateway_say_where_the_time_goes(succeeded):
+    """Item: per stage the measured rate and the whole catalog's projected time; the bounding stage named."""
+    cfg, rep, requests, _, gateway = succeeded
+    on_disk = Storage(cfg.storage.root).read_json("runs", rep["run_id"], "report.json")
+    proj = on_disk["projection"]
+    assert proj == rep["projection"] and proj["catalog_rows"] == rep["counts"]["rows_in"] == 32
+    stages = proj["stages"]
+    assert {"read", "plan", "download", "embed", "store", "index"} <= set(stages)
+    assert stages["embed"]["workers"] == cfg.embed.actors and stages["download"]["workers"] == cfg.download.actors * 4
+    for name, st in stages.items():
+        if name != "index":
+            assert st["rows"] >= 30 and st["rate_per_s"] > 0
+            assert st["projected_s"] == pytest.approx(32 / st["rate_per_s"], abs=0.06), name
+    streaming = {k: v["projected_s"] for k, v in stages.items() if k != "index"}
+    assert proj["bounding_stage"] == max(streaming, key=streaming.get)
+    done = requests[-1]["body"]["text"]
+    assert f"bounded by {proj['bounding_stage']}" in done
+    assert f"embed {stages['embed']['rate_per_s']:.1f}/s x{cfg.embed.actors}" in done or \
+        f"embed {stages['embed']['rate_per_s']:.0f}/s x{cfg.embed.actors}" in done
+    pushed = gateway.samples()
+    for name, st in stages.items():
+        assert pushed[("lookalike_run_projected_seconds", frozenset({"stage": name}.items()))] == st["projected_s"]
