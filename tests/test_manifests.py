@@ -273,17 +273,29 @@ def test_rayservice_serves_the_configs_serve_file(overlay):
     cfg = config.load(ROOT / app["args"]["config"], app["args"]["set"])
     from serve import app as serve_app
 
-    known = {serve_app.Encoder.name, serve_app.SearchAPI.name}
+    built = {serve_app.Encoder.name, serve_app.SearchAPI.name} | {
+        f"Searcher{g}" for g in range(cfg.serve.searcher_groups)}
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) <= known, f"unknown deployments {set(deployments) - known}"
+    assert set(deployments) == built, f"serve config lists {sorted(deployments)}, the app builds {sorted(built)}"
+    for d in deployments.values():
+        assert {"autoscaling_config", "max_ongoing_requests", "ray_actor_options"} <= set(d), d["name"]
+        auto = d["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] <= \
+            d["max_ongoing_requests"], d["name"]
     spec = svc["spec"]["rayClusterConfig"]
     _, cpu_pod, _ = shape(spec, "cpu")
     gpu_group, gpu_pod_cpus, gpus_per_pod = shape(spec, "gpu")
     enc = deployments["Encoder"]["ray_actor_options"]
     assert 1 <= enc["num_gpus"] <= gpus_per_pod and enc["num_cpus"] <= gpu_pod_cpus
     assert deployments["Encoder"]["autoscaling_config"]["max_replicas"] <= gpu_group["maxReplicas"] * gpus_per_pod
-    search = deployments["SearchAPI"]["ray_actor_options"]
-    assert search.get("num_gpus", 0) == 0 and search["num_cpus"] <= cpu_pod
+    cpu_group = next(g for n, g in pods(spec) if n == "cpu")
+    on_cpu = [d for n, d in deployments.items() if n != "Encoder"]
+    for d in on_cpu:
+        assert d["ray_actor_options"].get("num_gpus", 0) == 0 and d["ray_actor_options"]["num_cpus"] <= cpu_pod
+    at_min = sum(d["autoscaling_config"]["min_replicas"] * d["ray_actor_options"]["num_cpus"] for d in on_cpu)
+    at_max = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"]["num_cpus"] for d in on_cpu)
+    assert at_min <= cpu_group["minReplicas"] * cpu_pod, "the minimum replicas fit the CPU pods at minReplicas"
+    assert at_max <= cpu_group["maxReplicas"] * cpu_pod, "the maximum replicas fit the CPU pods at maxReplicas"
     assert cfg.serve.cache_dir.startswith("/tmp/")
 
 
