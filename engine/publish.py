@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
+from engine.config import NAME
 from engine.index import MANIFEST
 from engine.storage import Storage
 
@@ -53,7 +55,11 @@ def read_pointer(storage: Storage, model_version: str) -> Pointer:
 
 
 def latest(storage: Storage, model_version: str) -> str | None:
-    return read_pointer(storage, model_version).version
+    """The version LATEST names; a name that is not a plain path segment is refused, never followed."""
+    version = read_pointer(storage, model_version).version
+    if version is not None and not re.match(NAME, version):
+        raise ValueError(f"LATEST of {model_version} names {version[:80]!r}, not a usable index version")
+    return version
 
 
 def versions(storage: Storage, model_version: str) -> list[str]:
