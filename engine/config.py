@@ -302,6 +302,8 @@ class ServeConfig(_Section):
     decode_threads: int = Field(2, ge=1, description="threads decoding uploads, off the event loop")
     max_pending_uploads: int = Field(16, ge=1, description="uploads decoding or waiting to; more get 503 + Retry-After")
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for an Encoder or Searcher call")
+    prepare_timeout_s: float = Field(1800.0, gt=0, description="longest wait for a replica to load and check a "
+                                     "new index version; longer refuses the version")
 
     @model_validator(mode="after")
     def _limits(self):

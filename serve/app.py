@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Query, Request
 from ray import serve
@@ -27,7 +28,7 @@ from engine.storage import gcs_options
 from serve import errors, upload
 from serve.encoder import Encoder
 from serve.errors import ApiError
-from serve.routing import Routing, categories, fan_out
+from serve.routing import Routing, call_within, categories, fan_out
 from serve.searcher import Searcher, ShardGroup
 from serve.swap import Swapper
 
@@ -48,7 +49,9 @@ class SearchAPI:
         self.cfg = Config.model_validate(cfg)
         self.encoder, self.searchers = encoder, searchers or [ShardGroup(self.cfg, 0, 1)]
         self.auth_sha256 = auth_sha256
-        self.swapper = Swapper(self.cfg, self.searchers)
+        self.swapper = Swapper(self.cfg, self.searchers, self.cfg.serve.searcher_replicas)
+        self.decoders = ThreadPoolExecutor(self.cfg.serve.decode_threads, thread_name_prefix="decode")
+        self.pending = 0  # uploads decoding or waiting to; bounded by serve.max_pending_uploads
 
     # -- request plumbing
 
@@ -81,21 +84,21 @@ class SearchAPI:
 
     async def _fan_out(self, routing: Routing, categories: list[str], n: int, vector=None,
                        location: Location | None = None) -> list:
-        return await fan_out(self.searchers, routing, categories, n, vector, location)
+        return await fan_out(self.searchers, routing, categories, n, vector, location, self.cfg.serve.call_timeout_s)
 
     # -- endpoints
 
     @api.get("/healthz")
     def healthz(self):
-        """Up and serving an index (200), or why not (503). ``degraded``: LATEST was refused, the old index serves."""
-        routing = self._routing()
-        body = {"status": "ok", "index_version": routing.version}
+        """Status and index version only: ok (200), degraded (200: LATEST was refused, the old index
+        serves), or loading / refused / unpublished (503). Why, on /version (behind the token)."""
+        routing = self.swapper.active
         state = self.swapper.state()
-        if state.get("refused"):
-            body.update(status="degraded", latest=state["latest"], refused=state["refused"])
-        elif state.get("loading"):
-            body["loading"] = state["loading"]
-        return body
+        if routing is None:
+            status = ("refused" if state.get("refused") else "loading"
+                      if not self.swapper.polled or state.get("loading") else "unpublished")
+            raise ApiError(503, status, state=status)
+        return {"status": "degraded" if state.get("refused") else "ok", "index_version": routing.version}
 
     @api.get("/version")
     def version(self, request: Request):
@@ -134,17 +137,12 @@ class SearchAPI:
         routing = self._routing()
         k = self._k(k)
         cats = categories(routing, category)
-        data = await self._upload(request)
-        try:
-            img = imaging.decode(data, self.cfg.serve.max_image_pixels)
-        except imaging.ImageRejected as exc:
-            status = 413 if exc.reason == "too_many_pixels" else 415
-            raise ApiError(status, f"not a usable image ({exc.reason}): {exc.detail}") from None
+        img = await self._image(request)
         detected, scale = [], 1.0
         if self.cfg.detect.enabled and not cats:
             view = imaging.fit(img, self.cfg.detect.image_size)  # what the pipeline's detect stage looks at
             scale = img.width / view.shape[1]
-            detected = await self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0]))
+            detected = await self._call(self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0])))
         objects = []
         for o in detected:  # each object in its own category's index
             if o["category"] in routing.groups_of:
@@ -156,7 +154,7 @@ class SearchAPI:
             by_model: dict[str, list[str]] = {}
             for c in cats or sorted(routing.groups_of):
                 by_model.setdefault(category_version(routing.manifest, c), []).append(c)
-            vectors = await asyncio.gather(*[self.encoder.embed.remote(pixels, mv) for mv in by_model])
+            vectors = await asyncio.gather(*[self._call(self.encoder.embed.remote(pixels, mv)) for mv in by_model])
             parts = [h for (mv, names), vector in zip(by_model.items(), vectors)
                      for h in await self._fan_out(routing, names, k, vector=vector)]
             objects.append({"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
@@ -166,6 +164,27 @@ class SearchAPI:
 
     async def _upload(self, request: Request) -> bytes:
         return await upload.read_image(request, self.cfg.serve.max_upload_bytes)
+
+    async def _image(self, request: Request):
+        """The upload, read in a stream and decoded in the decode pool (never on the event loop);
+        past serve.max_pending_uploads a 503 with Retry-After instead of an ever longer queue."""
+        if self.pending >= self.cfg.serve.max_pending_uploads:
+            raise ApiError(503, f"busy: {self.pending} uploads in progress; retry shortly", headers={"Retry-After": "1"},
+                           state="busy")
+        self.pending += 1
+        try:
+            data = await self._upload(request)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.decoders, imaging.decode, data, self.cfg.serve.max_image_pixels)
+        except imaging.ImageRejected as exc:
+            status = 413 if exc.reason == "too_many_pixels" else 415
+            raise ApiError(status, f"not a usable image ({exc.reason}): {exc.detail}") from None
+        finally:
+            self.pending -= 1
+
+    async def _call(self, response):
+        """A deployment call's answer within serve.call_timeout_s, or a 504 (the call is cancelled)."""
+        return await call_within(response, self.cfg.serve.call_timeout_s)
 
 
 def auth_digest(serve_cfg: ServeConfig) -> str | None:

@@ -40,19 +40,37 @@ def categories(routing: Routing, category: str | None) -> list[str] | None:
     return names
 
 
-def _search(searchers: list, group: int):
+CALL_TIMEOUT_S = 30.0
+
+
+async def call_within(response, timeout_s: float):
+    """A deployment response (or a coroutine) within ``timeout_s``, else a 504; never an unbounded wait."""
+    try:
+        return await asyncio.wait_for(_awaitable(response), timeout_s)
+    except asyncio.TimeoutError:
+        if hasattr(response, "cancel"):
+            response.cancel()
+        raise ApiError(504, f"a replica did not answer within {timeout_s:g}s (serve.call_timeout_s)") from None
+
+
+async def _awaitable(response):
+    return await response
+
+
+def _search(searchers: list, group: int, timeout_s: float = CALL_TIMEOUT_S):
     searcher = searchers[group]
-    return searcher.search if isinstance(searcher, ShardGroup) else searcher.search.remote
+    call = searcher.search if isinstance(searcher, ShardGroup) else searcher.search.remote
+    return lambda *a, **kw: call_within(call(*a, **kw), timeout_s)
 
 
 async def fan_out(searchers: list, routing: Routing, categories: list[str], n: int, vector=None,
-                   location: Location | None = None) -> list:
+                  location: Location | None = None, timeout_s: float = CALL_TIMEOUT_S) -> list:
     """Per-shard hits for ``categories``, every searcher asked for ``routing.version`` only."""
     groups = sorted({g for c in categories for g in routing.groups_of.get(c, [])})
     answers = []
     if location is not None:
         owner = routing.owner[(location.category, location.shard)]
-        first = await _search(searchers, owner)(
+        first = await _search(searchers, owner, timeout_s)(
             routing.version, categories if owner in groups else [], n,
             location=(location.category, location.shard, location.position))
         answers.append(first)
@@ -60,7 +78,7 @@ async def fan_out(searchers: list, routing: Routing, categories: list[str], n: i
         groups = [g for g in groups if g != owner]
     if groups:
         vector = np.asarray(vector, np.float32).tolist()
-        answers += await asyncio.gather(*[_search(searchers, g)(routing.version, categories, n, vector=vector)
+        answers += await asyncio.gather(*[_search(searchers, g, timeout_s)(routing.version, categories, n, vector=vector)
                                           for g in groups])
     mixed = {a["version"] for a in answers} - {routing.version}
     if mixed:  # searchers answer from the version asked for; this would be a bug, never a silent mix

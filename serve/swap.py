@@ -17,14 +17,15 @@ from serve.routing import Routing
 from serve.searcher import ShardGroup
 
 log = logging.getLogger("lookalike.serve")
-PREPARE_TIMEOUT_S = 1800.0  # loading and checking a multi-GB version from object storage takes minutes
+PREPARE_ROUNDS = 8    # rounds of prepare calls before "not every replica answered" refuses a version
+PREPARE_HOLD_S = 0.2  # how long a replica holds a prepare call, so the next goes to another replica
 
 
 class Swapper:
     """Follows LATEST; prepares each new version on the ingress and every searcher group, then switches."""
 
-    def __init__(self, cfg: Config, searchers: list):
-        self.cfg, self.searchers = cfg, searchers
+    def __init__(self, cfg: Config, searchers: list, replicas: int = 1):
+        self.cfg, self.searchers, self.replicas = cfg, searchers, replicas
         self.storage = Storage.from_config(cfg.storage)
         self.model_version = cfg.embed.model_version
         self.active: Routing | None = None
@@ -81,13 +82,34 @@ class Swapper:
             raise RuntimeError("embedding model versions differ (category: index's, config's): " + ", ".join(
                 f"{c}: {i}, {m}" for c, (i, m) in sorted(wrong.items())))
         directory = Directory.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)
-        calls = [h.prepare_now(version) if isinstance(h, ShardGroup) else h.prepare.remote(version)
-                 for h in self.searchers]
-        answers = [c if isinstance(c, dict) else c.result(timeout_s=PREPARE_TIMEOUT_S) for c in calls]
+        answers = [a for g, h in enumerate(self.searchers) for a in self._prepare_group(g, h, version)]
         bad = [a for a in answers if not a["ok"]]
         if bad:
             raise RuntimeError("; ".join(f"searcher group {a['group']}: {a['error']}" for a in bad))
         return Routing.of(manifest, directory, len(self.searchers))
+
+    def _prepare_group(self, group: int, handle, version: str) -> list[dict]:
+        """Every replica's answer: calls go out in rounds of ``replicas``, each held briefly so the
+        router sends the next to another replica, until each replica has answered (a replica that
+        has the version answers at once). No answer in serve.prepare_timeout_s refuses the version."""
+        if isinstance(handle, ShardGroup):
+            return [handle.prepare_now(version)]
+        deadline = time.monotonic() + self.cfg.serve.prepare_timeout_s
+        seen: dict[str, dict] = {}
+        for _ in range(PREPARE_ROUNDS):
+            calls = [handle.prepare.remote(version, PREPARE_HOLD_S) for _ in range(self.replicas)]
+            for call in calls:
+                left = deadline - time.monotonic()
+                try:
+                    answer = call.result(timeout_s=max(0.001, left))
+                except TimeoutError:
+                    raise RuntimeError(f"searcher group {group}: a replica did not prepare {version} within "
+                                       f"serve.prepare_timeout_s={self.cfg.serve.prepare_timeout_s:g}s") from None
+                seen[answer.get("replica", "?")] = answer
+            if len(seen) >= self.replicas:
+                return list(seen.values())
+        raise RuntimeError(f"searcher group {group}: only {len(seen)} of {self.replicas} replicas answered "
+                           f"prepare for {version}")
 
     def state(self) -> dict:
         """What /healthz and /version report about swapping."""
