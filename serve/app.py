@@ -109,7 +109,7 @@ class SearchAPI:
                 "searcher_groups": self.cfg.serve.searcher_groups, **state,
                 "last_error": state["refused"]["reason"] if state.get("refused") else None}
 
-    @api.get("/similar/{product_id}")
+    @api.get("/similar/{product_id:path}")  # ids may hold "/": percent-encoded as %2F
     async def similar(self, request: Request, product_id: str,
                       k: int | None = Query(None, description="number of results"),
                       category: str | None = Query(None, description="comma-separated; default: the product's own")):
