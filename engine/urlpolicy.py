@@ -148,9 +148,6 @@ def request_path(url: str) -> str:
     return urllib.parse.unquote(parts.path)
 
 
-
-
-
 class FilteringResolver(AbstractResolver):
     """aiohttp resolver: resolves with ``base``, returns only allowed addresses."""
 

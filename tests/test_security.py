@@ -3,7 +3,6 @@ downloader, a hostile client against the service. Everything stays on 127.x loop
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import select
@@ -201,7 +200,7 @@ def hostile_index(ray_cluster, sample_catalog, tmp_path_factory):
     from engine import pipeline
 
     src = pq.read_table(sample_catalog).to_pylist()
-    good = [r for r in src if r["label"] not in ("broken", "x") and r["product_id"]][:36]
+    good = [r for r in src if r["label"] not in ("broken", "x") and r["product_id"]][:60]
     for r, pid in zip(good, WEIRD_IDS):
         r["product_id"] = pid
     bad = [{**good[-1], "product_id": pid} for pid in ("y" * 100_000, "nul\0id", "ctl\x07id")]
@@ -240,7 +239,8 @@ def test_unusable_ids_are_rejected_rows_and_awkward_ones_are_served(service, hos
         for pid in WEIRD_IDS:
             r = c.get("/similar/" + urllib.parse.quote(pid, safe=""), params={"k": 3})
             assert r.status_code == 200, (pid, r.text)
-            assert r.json()["product_id"] == pid and len(r.json()["results"]) == 3
+            body = r.json()
+            assert body["product_id"] == pid and pid not in {h["product_id"] for h in body["results"]}
         assert c.get("/similar/" + urllib.parse.quote("nul\0id", safe="")).status_code == 404
 
 
