@@ -106,7 +106,8 @@ class SearchAPI:
         routing = self._routing()
         state = self.swapper.state()
         return {**summary(routing.manifest), "swapped_at": self.swapper.swapped_at,
-                "searcher_groups": self.cfg.serve.searcher_groups, **state,
+                "searcher_groups": self.cfg.serve.searcher_groups, "replicas_prepared": self.swapper.replicas_prepared,
+                **state,
                 "last_error": state["refused"]["reason"] if state.get("refused") else None}
 
     @api.get("/similar/{product_id:path}")  # ids may hold "/": percent-encoded as %2F

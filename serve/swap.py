@@ -34,6 +34,8 @@ class Swapper:
         self.refused: dict[str, tuple[float, str]] = {}
         self.swapped_at: str | None = None
         self.polled = False
+        self.replicas_prepared: dict[str, int] = {}
+        self._prepared: dict[str, int] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, name="index-watcher", daemon=True).start()
 
@@ -67,6 +69,7 @@ class Swapper:
                 self.preparing = None
             previous, self.active = self.active, routing
             self.swapped_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.replicas_prepared = self._prepared  # per searcher group: replicas that loaded and checked it
             self.refused.pop(version, None)
             log.info("serving index %s (was %s)", version, previous and previous.version)
             metrics.safely(metrics.service().index_swapped, self.model_version, version,
@@ -83,6 +86,7 @@ class Swapper:
                 f"{c}: {i}, {m}" for c, (i, m) in sorted(wrong.items())))
         directory = Directory.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)
         answers = [a for g, h in enumerate(self.searchers) for a in self._prepare_group(g, h, version)]
+        self._prepared = {str(g): sum(a["group"] == g for a in answers) for g in range(len(self.searchers))}
         bad = [a for a in answers if not a["ok"]]
         if bad:
             raise RuntimeError("; ".join(f"searcher group {a['group']}: {a['error']}" for a in bad))

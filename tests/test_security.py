@@ -141,8 +141,10 @@ def test_file_and_gs_urls_only_when_allowed_and_only_regular_files_under_the_roo
 def test_x_robots_tag_opt_out(server):
     urls = [server.route(f"/robots-{i}", {"body": "photo.jpg", "headers": {"X-Robots-Tag": tag}})
             for i, tag in enumerate(["noai", "noimageai", "googlebot: noindex", "noarchive, nofollow"])]
-    out = fetch(urls, **LOOPBACK_ONLY)
+    server.reset()
+    out = fetch(urls, user_agent="lookalike-test/1 (+https://ops.example.test/crawler)", **LOOPBACK_ONLY)
     assert [o[1] for o in out] == ["opt_out", "opt_out", "opt_out", None]
+    assert {r["user_agent"] for r in server.requests()} == {"lookalike-test/1 (+https://ops.example.test/crawler)"}
     assert fetch(urls[:1], opt_out_tags=[], **LOOPBACK_ONLY)[0][0] == "ok"  # configurable
 
 
