@@ -301,6 +301,8 @@ class ServeConfig(_Section):
     allow_anonymous: bool = Field(False, description="allow a non-loopback host without auth_token_env")
     decode_threads: int = Field(2, ge=1, description="threads decoding uploads, off the event loop")
     max_pending_uploads: int = Field(16, ge=1, description="uploads decoding or waiting to; more get 503 + Retry-After")
+    max_queued_requests: int = Field(256, ge=-1, description="requests queued for the ingress at each proxy "
+                                     "beyond max_ongoing_requests; more get 503 from Serve; -1: no limit")
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for an Encoder or Searcher call")
     prepare_timeout_s: float = Field(1800.0, gt=0, description="longest wait for a replica to load and check a "
                                      "new index version; longer refuses the version")

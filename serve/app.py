@@ -212,7 +212,8 @@ def build_app(cfg: Config):
     searchers = [Searcher.options(name=f"Searcher{g}", num_replicas=s.searcher_replicas,
                                   max_ongoing_requests=s.max_ongoing_requests, ray_actor_options=opts)
                  .bind(cfg.to_dict(), g, s.searcher_groups) for g in range(s.searcher_groups)]
-    return SearchAPI.options(ray_actor_options=opts, max_ongoing_requests=s.max_ongoing_requests).bind(
+    return SearchAPI.options(ray_actor_options=opts, max_ongoing_requests=s.max_ongoing_requests,
+                             max_queued_requests=s.max_queued_requests).bind(
         encoder, searchers, cfg.to_dict(), auth_digest(s))
 
 
