@@ -255,12 +255,39 @@ def test_healthz_says_only_status_and_version(service):
     assert body == {"status": "ok", "index_version": report["index_version"]}
 
 
-def replica_rss(name: str) -> int:
-    import psutil
-    from ray.util.state import list_actors
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    out, todo = [], [root]
+    while todo:
+        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        out += kids
+        todo += kids
+    return out
 
-    (actor,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if name in (a.class_name or "")]
-    return psutil.Process(actor.pid).memory_info().rss
+
+def replica_rss(name: str) -> int:
+    """RSS of this session's one replica of ``name``: the local cluster's processes descend from this
+    one, other Ray instances on the machine do not."""
+    found = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        if "ServeReplica" in cmd and name in cmd:
+            found.append(rss)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_a_2gb_chunked_upload_gets_413_early_and_the_replica_does_not_grow(service):
