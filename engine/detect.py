@@ -54,7 +54,22 @@ def find(model, cfg: DetectConfig, images: list[Image.Image]) -> list[list[dict]
     from engine import detector
 
     found = detector.detect(model, images, cfg.threads or None) if images else []
-    return [[{**o, "category": cfg.category(o["category"])} for o in objs] for objs in found]
+    return [[{**o, "category": cfg.category(o["category"])} for o in usable(objs, img.size)]
+            for objs, img in zip(found, images)]
+
+
+def usable(objects: list[dict], size: tuple[int, int]) -> list[dict]:
+    """Objects whose box, clipped to the image, still has area (at least a pixel each way);
+    a zero-area, inverted, non-finite or outside box would crash the crop."""
+    out = []
+    for o in objects:
+        x0, y0, x1, y1 = (float(v) for v in o["box"])
+        if not all(np.isfinite(v) for v in (x0, y0, x1, y1)):
+            continue
+        x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(size[0]), x1), min(float(size[1]), y1)
+        if x1 - x0 >= 1 and y1 - y0 >= 1:
+            out.append({**o, "box": [x0, y0, x1, y1]})
+    return out
 
 
 def best_per_category(objects: list[dict]) -> list[dict]:

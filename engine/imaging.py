@@ -8,6 +8,7 @@ before any pixel is decoded, and every failure is an ``ImageRejected`` with a st
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 
@@ -19,6 +20,7 @@ Image.init()
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF") if f in Image.OPEN)
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+STRIP_PIXELS = 1 << 20
 
 
 class ImageRejected(ValueError):
@@ -36,9 +38,24 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         # Our own max_pixels is the limit; Pillow's warning threshold would only duplicate it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data), formats=FORMATS)
-    if img.width * img.height > max_pixels:
-        raise ImageRejected("too_many_pixels", f"{img.width}x{img.height} > {max_pixels} pixels")
+    depth = bit_depth(img)
+    weight = max(1, depth // 8)  # a 16-bit image costs twice the memory of an 8-bit one while it decodes
+    if img.width * img.height * weight > max_pixels:
+        deep = f" at {depth} bits per sample (counted {weight}x)" if weight > 1 else ""
+        raise ImageRejected("too_many_pixels", f"{img.width}x{img.height}{deep} > {max_pixels} pixels")
     return img
+
+
+def bit_depth(img: Image.Image) -> int:
+    """Bits per sample as stored, read from the header: Pillow opens 16-bit RGB PNGs as 'RGB'
+    and narrows them while decoding, so the raw mode of the first tile tells."""
+    if img.mode in ("I", "F"):
+        return 32
+    if img.mode in WIDE_MODES:
+        return 16
+    raw = img.tile[0][3] if img.tile and len(img.tile[0]) > 3 else None
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return 16 if isinstance(raw, str) and ";16" in raw else 8
 
 
 def decode(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
@@ -51,12 +68,17 @@ def decode(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", f"not a {'/'.join(FORMATS)} image; starts with {data[:16]!r}") from None
+        raise ImageRejected("not_an_image", f"not a {'/'.join(FORMATS)} image; {describe(data)}") from None
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_many_pixels", str(exc)[:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected("decode_error", str(exc)[:200] or type(exc).__name__) from None
     return to_rgb(upright(img))
+
+
+def describe(data: bytes) -> str:
+    """What a body was, without quoting it: a catalog URL may point at a secret (/proc/self/environ)."""
+    return f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -85,14 +107,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and 32-bit grayscale to 8-bit 'L'. 16-bit data keeps its tones (value / 257);
-    float or 32-bit data outside 0..65535 has no fixed range and is stretched min..max."""
-    arr = np.asarray(img, dtype=np.float64)
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-    if img.mode != "F" and 0 <= lo and hi <= 65535:
-        out = arr / 257.0
-    else:
-        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
+    float or 32-bit data outside 0..65535 has no fixed range and is stretched min..max.
+    Done in strips of rows, so the float copy never holds more than ``STRIP_PIXELS``."""
+    lo, hi = img.getextrema() if img.width and img.height else (0.0, 0.0)
+    lo, hi = float(lo), float(hi)
+    fixed = img.mode != "F" and 0 <= lo and hi <= 65535
+    out = Image.new("L", img.size)
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    for y in range(0, img.height, rows):
+        box = (0, y, img.width, min(img.height, y + rows))
+        arr = np.asarray(img.crop(box), dtype=np.float64)
+        if fixed:
+            arr = arr / 257.0
+        else:
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        out.paste(Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L"), box[:2])
+    return out
 
 
 def model_input(img: Image.Image, size: int) -> np.ndarray:

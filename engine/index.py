@@ -401,26 +401,30 @@ class Location:
 class Directory:
     """product_id -> where it is (category, shard, position) in one index version.
 
-    Sorted fixed-width byte keys and parallel integer arrays: a few tens of MB for millions of
-    products, where a dict of Python strings would take hundreds. A product may sit in several
-    categories (one per detected object), never twice in one; its own category's entry comes first.
+    Sorted variable-width Arrow binary keys and parallel integer arrays: a few tens of MB for
+    millions of products, where a dict of Python strings would take hundreds, and one long id costs
+    only its own bytes. A product may sit in several categories (one per detected object), never
+    twice in one; its own category's entry comes first.
     """
 
     def __init__(self, parts: list[tuple[str, int, pa.Array, pa.Array]]):
         """``parts``: (category, shard, ids, own flags) per shard."""
+        import pyarrow.compute as pc
+
         self.category_names = sorted({p[0] for p in parts})
         code = {c: i for i, c in enumerate(self.category_names)}
-        keys = [np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False)) for _, _, ids, _ in parts]
-        flat = np.concatenate(keys) if keys else np.array([], dtype=object)
-        self.keys = flat.astype("S") if len(flat) else np.array([], dtype="S1")
+        keys = pa.concat_arrays([ids.cast(pa.large_binary()) for _, _, ids, _ in parts]) if parts \
+            else pa.array([], pa.large_binary())
         cats = np.concatenate([np.full(len(ids), code[c], np.int32) for c, _, ids, _ in parts]) if parts else np.zeros(0, np.int32)
         shards = np.concatenate([np.full(len(ids), s, np.int32) for _, s, ids, _ in parts]) if parts else np.zeros(0, np.int32)
         pos = np.concatenate([np.arange(len(ids), dtype=np.int64) for _, _, ids, _ in parts]) if parts else np.zeros(0, np.int64)
         own = np.concatenate([np.asarray(o.to_numpy(zero_copy_only=False), bool) for *_, o in parts]) \
             if parts else np.zeros(0, bool)
-        order = np.lexsort((cats, self.keys))
-        self.keys, self.cats, self.shards, self.positions = self.keys[order], cats[order], shards[order], pos[order]
-        self.own = own[order]
+        order = pc.sort_indices(pa.table({"k": keys, "c": cats}), sort_keys=[("k", "ascending"), ("c", "ascending")])
+        order_np = order.to_numpy()
+        self.keys = keys.take(order)
+        self.cats, self.shards, self.positions = cats[order_np], shards[order_np], pos[order_np]
+        self.own = own[order_np]
 
     @classmethod
     def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
@@ -431,18 +435,35 @@ class Directory:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _bound(self, key: bytes, right: bool) -> int:
+        lo, hi = 0, len(self.keys)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            k = self.keys[mid].as_py()
+            if k < key or (right and k == key):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
     def lookup(self, product_id: str) -> list[Location]:
-        key = product_id.encode()
-        if not key or len(key) > self.keys.dtype.itemsize or key.endswith(b"\0"):
+        key = product_id.encode("utf-8", "surrogatepass")
+        if not key:
             return []
-        lo, hi = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        lo, hi = self._bound(key, False), self._bound(key, True)
         found = sorted(range(lo, hi), key=lambda i: not self.own[i])
         return [Location(self.category_names[self.cats[i]], int(self.shards[i]), int(self.positions[i]))
                 for i in found]
 
     def duplicates(self) -> dict[str, int]:
         """Per category, how many product_ids appear more than once in it."""
-        same = (self.keys[1:] == self.keys[:-1]) & (self.cats[1:] == self.cats[:-1])
+        import pyarrow.compute as pc
+
+        n = len(self.keys)
+        if n < 2:
+            return {}
+        same = pc.equal(self.keys.slice(1), self.keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        same = same & (self.cats[1:] == self.cats[:-1])
         out: dict[str, int] = {}
         for c in self.cats[1:][same]:
             out[self.category_names[c]] = out.get(self.category_names[c], 0) + 1

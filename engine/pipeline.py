@@ -89,7 +89,8 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known
     ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
     detecting = cfg.detect.in_pipeline
     ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle, storage_options=gcs,
-                        full_size=cfg.detect.image_size if detecting else None)
+                        full_size=cfg.detect.image_size if detecting else None,
+                        max_id_bytes=cfg.catalog.max_id_bytes)
     if detecting:
         ds = ds.map_batches(
             DetectStage, fn_constructor_kwargs={"cfg": cfg.detect.model_dump(), "image_size": cfg.embed.image_size,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
 from google.api_core import exceptions as gcs_exceptions
 
+from engine.config import NAME
 from engine.index import MANIFEST
 from engine.storage import Storage
 
@@ -62,7 +64,11 @@ def read_pointer(storage: Storage, model_version: str) -> Pointer:
 
 
 def latest(storage: Storage, model_version: str) -> str | None:
-    return read_pointer(storage, model_version).version
+    """The version LATEST names; a name that is not a plain path segment is refused, never followed."""
+    version = read_pointer(storage, model_version).version
+    if version is not None and not re.match(NAME, version):
+        raise ValueError(f"LATEST of {model_version} names {version[:80]!r}, not a usable index version")
+    return version
 
 
 def versions(storage: Storage, model_version: str) -> list[str]:

@@ -214,3 +214,9 @@ class ShardGroup:
 class Searcher(ShardGroup):
     def __init__(self, cfg: dict, group: int, groups: int):
         super().__init__(Config.model_validate(cfg), group, groups)
+
+    async def prepare(self, version: str, hold_s: float = 0.0) -> dict:
+        """As ShardGroup.prepare, naming this replica; held ``hold_s`` so the swapper reaches every replica."""
+        answer = await super().prepare(version)
+        await asyncio.sleep(hold_s)
+        return {**answer, "replica": serve.get_replica_context().replica_id.unique_id}

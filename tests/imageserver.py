@@ -13,7 +13,7 @@ API through ``ImageServer``::
         srv.body("shoe.jpg", jpeg_bytes)                         # served at srv.url("/b/shoe.jpg")
         url = srv.route("/flaky.jpg", {"status": 503, "retry_after": 1}, {"body": "shoe.jpg"})
         ...
-        srv.requests()   # [{"t": <epoch s>, "path": "/flaky.jpg", "step": 0, "inflight": 1}, ...]
+        srv.requests()   # [{"t": <epoch s>, "path": "/flaky.jpg", "step": 0, "inflight": 1, "user_agent": ...}, ...]
 
 A route is a list of steps; each request to the path takes the next step, the last one repeats.
 A route for a bare path also answers that path with any query string (one shared sequence).
@@ -122,7 +122,8 @@ def _make_app(state: _State):
                 i, step = next_step(path if path in state.routes else request.path)
             else:
                 i, step = -1, {"status": 404, "text": "no such route"}
-            state.log.append({"t": t, "path": path, "step": i, "inflight": state.inflight})
+            state.log.append({"t": t, "path": path, "step": i, "inflight": state.inflight,
+                              "user_agent": request.headers.get("User-Agent")})
             return await answer(request, step)
         finally:
             state.inflight -= 1

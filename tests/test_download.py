@@ -28,7 +28,8 @@ from imageserver import ImageServer, peak_rate, samples
 SIZE = 64
 # Fast failure settings so the whole fault table runs in a few seconds.
 FAST = dict(connect_timeout_s=1.0, read_timeout_s=1.0, total_timeout_s=2.0, retries=2, backoff_base_s=0.05,
-            backoff_max_s=0.2, max_retry_after_s=5, max_bytes=1_000_000, breaker_min_requests=10_000)
+            backoff_max_s=0.2, max_retry_after_s=5, max_bytes=1_000_000, breaker_min_requests=10_000,
+            allowed_schemes=["http", "https", "file"], allowed_networks=["127.0.0.0/8"], file_roots=["/nonexistent"])
 
 
 @pytest.fixture(scope="module")

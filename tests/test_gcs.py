@@ -149,7 +149,7 @@ def test_catalog_file_and_images_on_gcs_are_read_with_the_configured_endpoint(ra
     read = catalog.read(cfg.source, storage_options=gcs_options(cfg.storage)).take_all()
     assert sorted(r["product_id"] for r in read) == sorted(r["product_id"] for r in rows)
 
-    stage = DownloadStage(DownloadConfig().model_dump(), 64, storage_options=gcs_options(cfg.storage))
+    stage = DownloadStage(DownloadConfig(allowed_schemes=["gs"]).model_dump(), 64, storage_options=gcs_options(cfg.storage))
     out = asyncio.run(stage(pa.Table.from_pylist(rows))).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 6 + ["rejected"] and out[-1]["reason"] == "not_found"
 
