@@ -266,7 +266,8 @@ def _descendants(root: int) -> list[int]:
                 continue
     out, todo = [], [root]
     while todo:
-        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        here = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == here]
         out += kids
         todo += kids
     return out
@@ -297,18 +298,24 @@ def test_a_2gb_chunked_upload_gets_413_early_and_the_replica_does_not_grow(servi
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b"%x\r\n" % (1 << 20) + b"\x89" * (1 << 20) + b"\r\n"
-    sent, answer = 0, b""
+    sent, answer, pending = 0, b"", memoryview(chunk)
     sock.setblocking(False)
-    while sent < 2 << 30:
-        if select.select([sock], [], [], 0)[0]:
+    while sent < 2 << 30:  # 2 GB unless the server answers first
+        readable, writable, _ = select.select([sock], [sock], [], 5)
+        if readable:
             answer = sock.recv(65536)
             break
+        if not writable:
+            continue
         try:
-            sent += sock.send(chunk) and len(chunk)
+            n = sock.send(pending)
         except (BlockingIOError, InterruptedError):
-            select.select([sock], [sock], [], 1)
+            continue
         except (BrokenPipeError, ConnectionResetError):
             break
+        sent, pending = sent + n, pending[n:]
+        if not pending:
+            pending = memoryview(chunk)
     sock.setblocking(True)
     sock.settimeout(30)
     while b"\r\n\r\n" not in answer:
