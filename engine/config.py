@@ -130,6 +130,14 @@ class DetectConfig(_Section):
     gpus_per_actor: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0, description="CPU threads of the detector; 0 = all cores")
+    whole_photo_share: Optional[float] = Field(
+        0.75, gt=0, le=1, description="an object spanning this share of a photo's width or height (a product "
+        "shot) is embedded as the whole photo, like a catalog embedded whole; null: always its crop")
+    uncertain_score: float = Field(0.6, ge=0, le=1, description="an object scored under this is also searched "
+                                   "in its alternative categories (up to max_routes)")
+    uncertain_margin: float = Field(0.15, ge=0, le=1, description="an alternative category scored within this "
+                                    "of the object's is searched too")
+    max_routes: int = Field(2, ge=1, le=10, description="categories at most one object is searched in")
 
     @property
     def enabled(self) -> bool:
@@ -151,7 +159,7 @@ class DetectConfig(_Section):
             import hashlib
 
             name += "-" + hashlib.sha1((PACKAGE_DIR / "weights" / "detector-outfits-v1.pt").read_bytes()).hexdigest()[:8]
-        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|"
+        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.whole_photo_share}|"
                 f"{self.index_objects}|{self.image_size}|" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
 
 

@@ -100,18 +100,25 @@ class Encoder:
     async def embed(self, images: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
         return list(embed_by_version(self.embedders, images, versions))
 
-    async def objects(self, image: bytes, size: tuple[int, int]) -> list[dict]:
-        """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), each with the
-        vector of its padded crop by its category's model; none found: []. Crops are made exactly
-        as the pipeline's detect stage makes them (engine.detect.crop_input)."""
+    async def objects(self, image: bytes, size: tuple[int, int], whole: np.ndarray | None = None) -> list[dict]:
+        """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), one per item, each
+        with the categories to search it in (``routes``) and its vector by each of their models
+        (``vectors``); none found: []. Inputs are made exactly as the pipeline's detect stage makes
+        them (engine.detect.embed_input; ``whole``: the photo's whole-image input)."""
         from PIL import Image
 
         img = Image.frombytes("RGB", size, image)
         found = await asyncio.get_running_loop().run_in_executor(
             None, lambda: detect.find(self.detector, self.detect_cfg, [img])[0])
-        crops = [detect.crop_input(img, o["box"], self.detect_cfg.box_padding, self.cfg.image_size) for o in found]
-        versions = [self.cfg.version_of(o["category"]) for o in found]
-        return [{**o, "vector": v} for o, v in zip(found, embed_by_version(self.embedders, crops, versions))]
+        jobs = []  # (object, model version, input)
+        for o in found:
+            o["routes"] = detect.routes(o, self.detect_cfg)
+            pixels = detect.embed_input(img, o, self.detect_cfg, self.cfg.image_size, whole)
+            jobs += [(o, mv, pixels) for mv in dict.fromkeys(self.cfg.version_of(c) for c in o["routes"])]
+        vectors = embed_by_version(self.embedders, [p for _, _, p in jobs], [mv for _, mv, _ in jobs])
+        for (o, mv, _), v in zip(jobs, vectors):
+            o.setdefault("vectors", {})[mv] = v
+        return found
 
 
 @dataclass(frozen=True)
@@ -346,18 +353,25 @@ class SearchAPI:
             status = 413 if exc.reason == "too_many_pixels" else 415
             raise ApiError(status, f"not a usable image ({exc.reason}): {exc.detail}") from None
         detected, scale = [], 1.0
+        whole = detect.whole_photo(img, self.cfg.detect, self.cfg.embed.image_size)
         if self.cfg.detect.enabled and not cats:
             view = imaging.fit(img, self.cfg.detect.image_size)  # what the pipeline's detect stage looks at
             scale = img.width / view.shape[1]
-            detected = await self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0]))
+            detected = await self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0]), whole)
         objects = []
-        for o in detected:  # each object in its own category's index
-            if o["category"] in routing.groups_of:
-                parts = await self._fan_out(routing, [o["category"]], k, vector=o["vector"])
+        for o in detected:  # each object in its own category's index, or its top categories when unsure
+            searched = [c for c in o["routes"] if c in routing.groups_of]
+            by_model: dict[str, list[str]] = {}
+            for c in searched:
+                by_model.setdefault(self.cfg.embed.version_of(c), []).append(c)
+            parts = [h for mv, names in by_model.items()
+                     for h in await self._fan_out(routing, names, k, vector=o["vectors"][mv])]
+            if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
-                                "score": o["score"], "results": merge(parts, k)})
+                                "score": o["score"], "alternatives": o["alternatives"], "searched": searched,
+                                "results": merge(parts, k)})
         if not objects:  # no detector, a category filter, or nothing found: the whole image
-            pixels = imaging.preprocess(img, self.cfg.embed.image_size)
+            pixels = whole
             by_model: dict[str, list[str]] = {}
             for c in cats or sorted(routing.groups_of):
                 by_model.setdefault(category_version(routing.manifest, c), []).append(c)
