@@ -82,7 +82,7 @@ def load(cfg: DetectConfig, device: str = "cpu", storage_options: dict | None = 
 ALTERNATIVE_FLOOR = 0.05
 CANDIDATES_PER_OBJECT = 5
 SAME_ITEM_IOU = 0.5      # two boxes overlapping this much (IoU) are one item ...
-SAME_ITEM_INSIDE = 0.7   # ... or when this share of the smaller lies inside the larger
+SAME_ITEM_INSIDE = 0.5   # ... or when this share of the smaller lies inside the larger
 
 
 def same_item(a, b) -> bool:
@@ -131,6 +131,21 @@ def routes(obj: dict, cfg: DetectConfig) -> list[str]:
         if unsure or alt["score"] >= obj["score"] - cfg.uncertain_margin:
             out.append(alt["category"])
     return out
+
+
+def merge_routes(parts: list, k: int) -> list[dict]:
+    """Per-shard hits ``(category, ids, scores)`` of the categories an object was searched in -> its
+    top ``k``: the categories ranked by how well their nearest products match (the mean of their top
+    3 scores), the best one's results first, the next ones' after. Merging by raw score instead
+    mixes in the near misses of a wrong category; this lets retrieval settle the detector's doubt."""
+    from engine.index import merge
+
+    by_category: dict[str, list] = {}
+    for part in parts:
+        by_category.setdefault(part[0], []).append(part)
+    ranked = [merge(p, k) for p in by_category.values()]
+    ranked.sort(key=lambda hits: -float(np.mean([h["score"] for h in hits[:3]])) if hits else 0.0)
+    return [h for hits in ranked for h in hits][:k]
 
 
 def best_per_category(objects: list[dict]) -> list[dict]:

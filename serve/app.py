@@ -369,7 +369,7 @@ class SearchAPI:
             if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
                                 "score": o["score"], "alternatives": o["alternatives"], "searched": searched,
-                                "results": merge(parts, k)})
+                                "results": detect.merge_routes(parts, k)})
         if not objects:  # no detector, a category filter, or nothing found: the whole image
             pixels = whole
             by_model: dict[str, list[str]] = {}

@@ -134,3 +134,16 @@ def test_the_detector_gives_one_object_per_unseen_item(model, held_out):
         for a in objs:
             assert all(not detect.same_item(a["box"], b["box"]) for b in objs if b is not a)
             assert a["score"] >= cfg.score_threshold and a["category"] not in {x["category"] for x in a["alternatives"]}
+
+
+def test_routes_merge_with_the_best_matching_category_first():
+    from engine import detect
+
+    parts = [("dresses", ["d1", "d2", "d3"], [0.80, 0.79, 0.78]),
+             ("tops", ["t1", "t2"], [0.95, 0.70]), ("tops", ["t3", "t4"], [0.90, 0.85])]  # two shards
+    got = detect.merge_routes(parts, 4)
+    assert [h["product_id"] for h in got] == ["t1", "t3", "t4", "d1"]  # tops' top 3 average 0.90 > 0.79
+    assert [h["category"] for h in got] == ["tops", "tops", "tops", "dresses"]
+    assert detect.merge_routes(parts[:1], 2) == [{"product_id": "d1", "category": "dresses", "score": 0.8},
+                                                 {"product_id": "d2", "category": "dresses", "score": 0.79}]
+    assert detect.merge_routes([], 3) == []
