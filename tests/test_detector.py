@@ -141,9 +141,9 @@ def test_routes_merge_with_the_best_matching_category_first():
 
     parts = [("dresses", ["d1", "d2", "d3"], [0.80, 0.79, 0.78]),
              ("tops", ["t1", "t2"], [0.95, 0.70]), ("tops", ["t3", "t4"], [0.90, 0.85])]  # two shards
-    got = detect.merge_routes(parts, 4)
-    assert [h["product_id"] for h in got] == ["t1", "t3", "t4", "d1"]  # tops' top 3 average 0.90 > 0.79
-    assert [h["category"] for h in got] == ["tops", "tops", "tops", "dresses"]
+    got = detect.merge_routes(parts, 5)  # tops' top 3 average 0.90 > dresses' 0.79: all of tops first
+    assert [h["product_id"] for h in got] == ["t1", "t3", "t4", "t2", "d1"]
+    assert [h["category"] for h in got] == ["tops"] * 4 + ["dresses"]
     assert detect.merge_routes(parts[:1], 2) == [{"product_id": "d1", "category": "dresses", "score": 0.8},
                                                  {"product_id": "d2", "category": "dresses", "score": 0.79}]
     assert detect.merge_routes([], 3) == []
