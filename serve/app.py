@@ -361,10 +361,10 @@ class SearchAPI:
         objects = []
         for o in detected:  # each object in its own category's index, or its top categories when unsure
             searched = [c for c in o["routes"] if c in routing.groups_of]
-            by_model: dict[str, list[str]] = {}
+            per_model: dict[str, list[str]] = {}
             for c in searched:
-                by_model.setdefault(self.cfg.embed.version_of(c), []).append(c)
-            parts = [h for mv, names in by_model.items()
+                per_model.setdefault(self.cfg.embed.version_of(c), []).append(c)
+            parts = [h for mv, names in per_model.items()
                      for h in await self._fan_out(routing, names, k, vector=o["vectors"][mv])]
             if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
