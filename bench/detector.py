@@ -5,7 +5,9 @@ pipeline's detect stage against a bare loop of the same stage code.
 
 Composites are made from Fashion-MNIST items the training never saw (engine/outfits.py,
 ``HELD_OUT_FROM``). Prints JSON lines: ``{"bench": "detector", "map50": ..., AP per class, img/s}``,
-then ``{"bench": "detect_stage", ...}``: ``DetectStage`` (detect, best box per category, crops
+then ``{"bench": "detector_items", ...}``: objects per true item, false positives per photo,
+duplicates, category accuracy and mAP, for the raw boxes and for ``engine.detect.find``'s one
+object per item (``engine.detector.per_item``); then ``{"bench": "detect_stage", ...}``: ``DetectStage`` (detect, best box per category, crops
 preprocessed for the embedder) on a Ray Data actor pool as ``engine/pipeline.py`` builds it,
 against the same class called in a plain loop in this process, on photos decoded to
 ``detect.image_size`` as the download stage hands them over. The pipeline rate is taken between
@@ -66,6 +68,27 @@ def stage_pipeline(cfg, table: pa.Table) -> dict:
     return {"run": "pipeline", "img_per_s": round(photos / seconds, 1), "objects": sum(n for _, n, _ in arrivals)}
 
 
+def one_per_item(weights, n: int, seed: int = 12345) -> dict:
+    """Objects per true item and false positives per photo on the held-out composites: the
+    detector's raw boxes (per-category NMS, ``detect.score_threshold``), against what
+    ``engine.detect.find`` answers (suppressed across categories, alternatives listed)."""
+    from engine import detect
+
+    cfg = config.load(None, [f"detect.detector={weights or 'shipped'}"]).detect
+    data = outfits.dataset(n, seed, held_out=True)
+    truths = [(b, l) for _, b, l in data]
+    raw_model = detector.load(weights, score_thresh=cfg.score_threshold, max_objects=cfg.max_objects)
+    model = detect.load(cfg)
+    raw, kept = [], []
+    for i in range(0, n, 16):
+        images = [im for im, _, _ in data[i:i + 16]]
+        raw += detector.detect(raw_model, images)
+        kept += detect.find(model, cfg, images)
+    return {"composites": n, "items": int(sum(len(b) for b, _ in truths)),
+            "raw": {**detector.per_item(raw, truths), "map50": detector.map50(raw, truths)["map50"]},
+            "one_per_item": {**detector.per_item(kept, truths), "map50": detector.map50(kept, truths)["map50"]}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="default: the shipped engine/weights/detector-outfits-v1.pt")
@@ -82,6 +105,7 @@ def main(argv=None) -> int:
     print(json.dumps({"bench": "detector", "weights": str(args.weights or detector.SHIPPED), **result,
                       "target_map50": 0.7, "meets_target": result["map50"] >= 0.7,
                       "img_per_s": round(args.composites / seconds, 1), "cpus": os.cpu_count()}), flush=True)
+    print(json.dumps({"bench": "detector_items", **one_per_item(args.weights, args.composites)}), flush=True)
     if args.stage_images:
         cfg = config.load(None, ["detect.catalog=true", "detect.index_objects=all"]
                           + ([f"detect.detector={args.weights}"] if args.weights else []))

@@ -152,7 +152,7 @@ class DetectConfig(_Section):
                           "(python -m engine.detector train)")
     score_threshold: float = Field(0.3, ge=0, le=1)
     max_objects: int = Field(10, ge=1, le=100)
-    box_padding: float = Field(0.05, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    box_padding: float = Field(0.1, ge=0, le=1, description="share of the box's size added on each side of a crop")
     labels: dict[str, str] = Field(default_factory=dict, description="detector label -> catalog category "
                                    "(tops, bottoms, dresses, shoes, bags for the shipped detector); unmapped: as is")
     catalog: bool = Field(True, description="detect objects in catalog images too (the pipeline's detect "
@@ -167,6 +167,14 @@ class DetectConfig(_Section):
     gpus_per_actor: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0, description="CPU threads of the detector; 0 = all cores")
+    whole_photo_share: Optional[float] = Field(
+        0.6, gt=0, le=1, description="an object spanning this share of a photo's width or height (a product "
+        "shot) is embedded as the whole photo, like a catalog embedded whole; null: always its crop")
+    uncertain_score: float = Field(0.65, ge=0, le=1, description="an object scored under this is also searched "
+                                   "in its alternative categories (up to max_routes)")
+    uncertain_margin: float = Field(0.2, ge=0, le=1, description="an alternative category scored within this "
+                                    "of the object's is searched too")
+    max_routes: int = Field(3, ge=1, le=10, description="categories at most one object is searched in")
 
     @property
     def enabled(self) -> bool:
@@ -188,7 +196,7 @@ class DetectConfig(_Section):
             import hashlib
 
             name += "-" + hashlib.sha1((PACKAGE_DIR / "weights" / "detector-outfits-v1.pt").read_bytes()).hexdigest()[:8]
-        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|"
+        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.whole_photo_share}|"
                 f"{self.index_objects}|{self.image_size}|" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
 
 

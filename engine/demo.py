@@ -99,12 +99,19 @@ def outfit_query(base: str, out_dir: Path, labels: dict[str, str], seed: int = 7
     truth = ", ".join(f"{outfits.CLASSES[c - 1]} {[int(v) for v in b]}" for b, c in zip(boxes, cats))
     print(f"POST /search with an outfit photo ({path}); in it: {truth}")
     for o in answer["objects"]:
-        where = f"{o['category']} at {[int(v) for v in o['box']]}" + (f" ({o['score']:.2f})" if o["score"] else "")
-        print(f"  {where}: " + ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})"
+        print(f"  {_where(o)} at {[int(v) for v in o['box']]}: " + ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})"
                                         for r in o["results"][:3]))
     return {"objects_in_photo": len(cats), "categories_in_photo": sorted(outfits.CLASSES[c - 1] for c in cats),
             "objects_found": answer["detected"],
             "categories_found": sorted(o["category"] for o in answer["objects"] if o["score"] is not None)}
+
+
+def _where(obj: dict) -> str:
+    """An object as the detector saw it: category (score), and the categories searched when unsure."""
+    if obj["score"] is None:
+        return f"whole photo, {obj['category'] or 'all categories'}"
+    searched = obj.get("searched") or [obj["category"]]
+    return f"{obj['category']} {obj['score']:.2f}" + (f", searched in {'+'.join(searched)}" if len(searched) > 1 else "")
 
 
 def upload_example(base: str, image_path: str) -> dict:
@@ -152,10 +159,11 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
         print(table(answers, labels, shown))
         png = picture(Path(catalog_path).parent / "demo-results.png", answers, labels, urls, shown)
         print(f"picture of these queries and their neighbours: {png}")
-        upload = upload_example(base, urllib.request.url2pathname(urllib.parse.urlparse(urls[shown[0]]).path))
-        top = upload["objects"][0]["results"]
-        print(f"POST /search with {shown[0]}'s image ({labels[shown[0]]}): " +
-              ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})" for r in top))
+        for pid in shown:  # each shown product's own photo, as a shopper would post it
+            obj = upload_example(base, urllib.request.url2pathname(urllib.parse.urlparse(urls[pid]).path))["objects"][0]
+            print(f"POST /search with {pid}'s image ({labels[pid]}; {_where(obj)}): " +
+                  ", ".join(f"{r['product_id']} ({labels.get(r['product_id'])}, {r['score']:.2f})"
+                            for r in obj["results"]))
         outfit = outfit_query(base, Path(catalog_path).parent, labels) if cfg.detect.detector != "none" else None
         result = {
             "products": products, "rows": rep["counts"]["rows_in"], "indexed": rep["counts"]["ok"],

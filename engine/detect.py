@@ -2,8 +2,13 @@
 
 The detector (engine/detector.py) finds objects; each kept object becomes a padded crop,
 preprocessed exactly like a whole image (``crop_input`` is shared with the service's POST
-/search). Per image, the best box of each category is kept: two shoes of one pair are one
-"shoes" object. ``detect.index_objects`` decides which objects a catalog image contributes:
+/search). The detector's boxes are suppressed across categories first (``one_per_item``): boxes of
+different categories on one item become one object, the best category kept and the others listed as
+its ``alternatives`` (what ``routes`` searches when the detector is unsure). An object that spans
+most of the photo (``detect.whole_photo_share``: a product shot) is embedded as the whole photo,
+exactly as a catalog embedded whole makes its vector (``embed_input``). Per image, the best box of
+each category is kept: two shoes of one pair are one "shoes" object. ``detect.index_objects``
+decides which objects a catalog image contributes:
 
 - ``own``: the object of the catalog's category; the whole image when none was found;
 - ``all``: every object, each in its category's index; the catalog's category is always
@@ -41,21 +46,80 @@ def crop_input(img: Image.Image, box, padding: float, size: int) -> np.ndarray:
     return imaging.preprocess(img.crop(padded(box, padding, img.size)), size)
 
 
+def covers(box, size: tuple[int, int], share: float | None) -> bool:
+    """Whether ``box`` spans at least ``share`` of the image's width or height (None: never)."""
+    return share is not None and ((box[2] - box[0]) >= share * size[0] or (box[3] - box[1]) >= share * size[1])
+
+
+def embed_input(img: Image.Image, obj: dict, cfg: DetectConfig, size: int,
+                whole: np.ndarray | None = None) -> np.ndarray:
+    """The embedder's input for one object: the whole photo (``whole``, or ``img`` preprocessed) when
+    the object has no box score (the whole-image fallback) or covers the photo, else its padded crop."""
+    if obj["score"] is None or covers(obj["box"], img.size, cfg.whole_photo_share):
+        return imaging.preprocess(img, size) if whole is None else whole
+    return crop_input(img, obj["box"], cfg.box_padding, size)
+
+
+def whole_photo(img: Image.Image, cfg: DetectConfig, size: int) -> np.ndarray:
+    """An uploaded photo's whole-image input, made as the catalog's own vectors are: from the image
+    decoded to ``detect.image_size`` when the pipeline detects (its detect stage crops from that),
+    else from the photo as it came (the pipeline embeds catalog images whole)."""
+    src = Image.fromarray(imaging.fit(img, cfg.image_size)) if cfg.in_pipeline else img
+    return imaging.preprocess(src, size)
+
+
 def load(cfg: DetectConfig, device: str = "cpu", storage_options: dict | None = None):
+    """The detector, keeping boxes down to ``ALTERNATIVE_FLOOR``: below ``detect.score_threshold``
+    they only ever become the alternatives of a stronger box on the same item (``find``)."""
     from engine import detector
 
     uri = None if cfg.detector == "shipped" else cfg.detector
-    model = detector.load(uri, storage_options, score_thresh=cfg.score_threshold, max_objects=cfg.max_objects)
+    model = detector.load(uri, storage_options, score_thresh=min(ALTERNATIVE_FLOOR, cfg.score_threshold),
+                          max_objects=cfg.max_objects * CANDIDATES_PER_OBJECT)
     return model.to(device)
 
 
+ALTERNATIVE_FLOOR = 0.05
+CANDIDATES_PER_OBJECT = 5
+SAME_ITEM_IOU = 0.5      # two boxes overlapping this much (IoU) are one item ...
+SAME_ITEM_INSIDE = 0.5   # ... or when this share of the smaller lies inside the larger
+
+
+def same_item(a, b) -> bool:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    if inter <= 0 or min(area_a, area_b) <= 0:
+        return False
+    return inter / (area_a + area_b - inter) >= SAME_ITEM_IOU or inter / min(area_a, area_b) >= SAME_ITEM_INSIDE
+
+
+def one_per_item(objects: list[dict]) -> list[dict]:
+    """Class-agnostic suppression: greedily by score, a box on an item already kept is absorbed by
+    it; each kept object lists the other categories seen on it, best first, as ``alternatives``
+    ({"category", "score"}), its own category never among them."""
+    kept: list[dict] = []
+    for o in sorted(objects, key=lambda o: -o["score"]):
+        owner = next((k for k in kept if same_item(k["box"], o["box"])), None)
+        if owner is None:
+            kept.append({**o, "alternatives": []})
+        elif o["category"] != owner["category"] and all(a["category"] != o["category"] for a in owner["alternatives"]):
+            owner["alternatives"].append({"category": o["category"], "score": o["score"]})
+    return kept
+
+
 def find(model, cfg: DetectConfig, images: list[Image.Image]) -> list[list[dict]]:
-    """Per image, its objects best first, labels mapped to catalog categories."""
+    """Per image, its objects best first (one per item, each with its ``alternatives``), labels mapped
+    to catalog categories; objects under ``detect.score_threshold`` are dropped."""
     from engine import detector
 
     found = detector.detect(model, images, cfg.threads or None) if images else []
-    return [[{**o, "category": cfg.category(o["category"])} for o in usable(objs, img.size)]
-            for objs, img in zip(found, images)]
+    out = []
+    for objs, img in zip(found, images):
+        labelled = [{**o, "category": cfg.category(o["category"])} for o in usable(objs, img.size)]
+        out.append([o for o in one_per_item(labelled) if o["score"] >= cfg.score_threshold][:cfg.max_objects])
+    return out
 
 
 def usable(objects: list[dict], size: tuple[int, int]) -> list[dict]:
@@ -70,6 +134,35 @@ def usable(objects: list[dict], size: tuple[int, int]) -> list[dict]:
         if x1 - x0 >= 1 and y1 - y0 >= 1:
             out.append({**o, "box": [x0, y0, x1, y1]})
     return out
+
+
+def routes(obj: dict, cfg: DetectConfig) -> list[str]:
+    """The categories to search an object in, its own first. When the detector is unsure (its score
+    under ``detect.uncertain_score``, or an alternative within ``detect.uncertain_margin`` of it),
+    also its best alternatives, up to ``detect.max_routes`` categories in all."""
+    unsure = obj["score"] is not None and obj["score"] < cfg.uncertain_score
+    out = [obj["category"]]
+    for alt in obj.get("alternatives", []):
+        if len(out) >= cfg.max_routes:
+            break
+        if unsure or alt["score"] >= obj["score"] - cfg.uncertain_margin:
+            out.append(alt["category"])
+    return out
+
+
+def merge_routes(parts: list, k: int) -> list[dict]:
+    """Per-shard hits ``(category, ids, scores)`` of the categories an object was searched in -> its
+    top ``k``: the categories ranked by how well their nearest products match (the mean of their top
+    3 scores), the best one's results first, the next ones' after. Merging by raw score instead
+    mixes in the near misses of a wrong category; this lets retrieval settle the detector's doubt."""
+    from engine.index import merge
+
+    by_category: dict[str, list] = {}
+    for part in parts:
+        by_category.setdefault(part[0], []).append(part)
+    ranked = [merge(p, k) for p in by_category.values()]
+    ranked.sort(key=lambda hits: -float(np.mean([h["score"] for h in hits[:3]])) if hits else 0.0)
+    return [h for hits in ranked for h in hits][:k]
 
 
 def best_per_category(objects: list[dict]) -> list[dict]:
@@ -118,7 +211,7 @@ class DetectStage:
             img = images[i]
             objects = select(found[i], row["catalog_category"], self.cfg.index_objects, img.size)
             for n, o in enumerate(objects):
-                pixels = crop_input(img, o["box"], self.cfg.box_padding if o["score"] is not None else 0.0, self.size)
+                pixels = embed_input(img, o, self.cfg, self.size)
                 out.append({**row, "category": o["category"], "object": n, "objects": len(objects),
                             "box": o["box"], "score": o["score"], "pixels": pixels.tobytes(),
                             "width": self.size, "height": self.size})

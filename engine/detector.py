@@ -200,6 +200,35 @@ def map50(predictions: list[list[dict]], truths: list[tuple[np.ndarray, np.ndarr
     return {"map50": round(float(np.mean(list(aps.values()))), 4), "ap50": aps}
 
 
+def per_item(predictions: list[list[dict]], truths: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Objects per true item (all objects answered / items), false positives per photo (objects on
+    no item: IoU < 0.5 with every true box), duplicates per item (further objects on an item already
+    found), items found (class-agnostic, IoU >= 0.5) and the share of found items whose object has
+    the right category (``category``), or has it among its ``alternatives`` (``category_or_alt``)."""
+    objects = fps = dups = found = right = right_alt = items = 0
+    for preds, (boxes, labels) in zip(predictions, truths):
+        items += len(boxes)
+        objects += len(preds)
+        taken = np.zeros(len(boxes), bool)
+        for p in sorted(preds, key=lambda p: -p["score"]):
+            ious = _box_iou(np.asarray([p["box"]], np.float32), boxes)[0] if len(boxes) else np.zeros(0)
+            if not len(ious) or ious.max() < 0.5:
+                fps += 1
+                continue
+            j = int(ious.argmax())
+            if taken[j]:
+                dups += 1
+                continue
+            taken[j] = True
+            found += 1
+            truth = outfits.CLASSES[int(labels[j]) - 1]
+            right += p["category"] == truth
+            right_alt += p["category"] == truth or truth in {a["category"] for a in p.get("alternatives", [])}
+    return {"objects_per_item": round(objects / max(items, 1), 4), "fp_per_photo": round(fps / max(len(truths), 1), 4),
+            "duplicates_per_item": round(dups / max(items, 1), 4), "items_found": round(found / max(items, 1), 4),
+            "category": round(right / max(found, 1), 4), "category_or_alt": round(right_alt / max(found, 1), 4)}
+
+
 def evaluate(model, n: int = 300, seed: int = 12345, batch: int = 16) -> dict:
     data = outfits.dataset(n, seed, held_out=True)
     preds = []

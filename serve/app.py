@@ -140,18 +140,26 @@ class SearchAPI:
         cats = categories(routing, category)
         img = await self._image(request)
         detected, scale = [], 1.0
+        whole = detect.whole_photo(img, self.cfg.detect, self.cfg.embed.image_size)
         if self.cfg.detect.enabled and not cats:
             view = imaging.fit(img, self.cfg.detect.image_size)  # what the pipeline's detect stage looks at
             scale = img.width / view.shape[1]
-            detected = await self._call(self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0])))
+            detected = await self._call(
+                self.encoder.objects.remote(view.tobytes(), (view.shape[1], view.shape[0]), whole))
         objects = []
-        for o in detected:  # each object in its own category's index
-            if o["category"] in routing.groups_of:
-                parts = await self._fan_out(routing, [o["category"]], k, vector=o["vector"])
+        for o in detected:  # each object in its own category's index, or its top categories when unsure
+            searched = [c for c in o["routes"] if c in routing.groups_of]
+            per_model: dict[str, list[str]] = {}
+            for c in searched:
+                per_model.setdefault(self.cfg.embed.version_of(c), []).append(c)
+            parts = [h for mv, names in per_model.items()
+                     for h in await self._fan_out(routing, names, k, vector=o["vectors"][mv])]
+            if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
-                                "score": o["score"], "results": merge(parts, k)})
+                                "score": o["score"], "alternatives": o["alternatives"], "searched": searched,
+                                "results": detect.merge_routes(parts, k)})
         if not objects:  # no detector, a category filter, or nothing found: the whole image
-            pixels = imaging.preprocess(img, self.cfg.embed.image_size)
+            pixels = whole
             by_model: dict[str, list[str]] = {}
             for c in cats or sorted(routing.groups_of):
                 by_model.setdefault(category_version(routing.manifest, c), []).append(c)

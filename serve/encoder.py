@@ -28,15 +28,22 @@ class Encoder:
     async def embed(self, images: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
         return list(embed_by_version(self.embedders, images, versions))
 
-    async def objects(self, image: bytes, size: tuple[int, int]) -> list[dict]:
-        """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), each with the
-        vector of its padded crop by its category's model; none found: []. Crops are made exactly
-        as the pipeline's detect stage makes them (engine.detect.crop_input)."""
+    async def objects(self, image: bytes, size: tuple[int, int], whole: np.ndarray | None = None) -> list[dict]:
+        """Detected objects of an RGB image (raw bytes, ``size`` = (width, height)), one per item, each
+        with the categories to search it in (``routes``) and its vector by each of their models
+        (``vectors``); none found: []. Inputs are made exactly as the pipeline's detect stage makes
+        them (engine.detect.embed_input; ``whole``: the photo's whole-image input)."""
         from PIL import Image
 
         img = Image.frombytes("RGB", size, image)
         found = await asyncio.get_running_loop().run_in_executor(
             None, lambda: detect.find(self.detector, self.detect_cfg, [img])[0])
-        crops = [detect.crop_input(img, o["box"], self.detect_cfg.box_padding, self.cfg.image_size) for o in found]
-        versions = [self.cfg.version_of(o["category"]) for o in found]
-        return [{**o, "vector": v} for o, v in zip(found, embed_by_version(self.embedders, crops, versions))]
+        jobs = []  # (object, model version, input)
+        for o in found:
+            o["routes"] = detect.routes(o, self.detect_cfg)
+            pixels = detect.embed_input(img, o, self.detect_cfg, self.cfg.image_size, whole)
+            jobs += [(o, mv, pixels) for mv in dict.fromkeys(self.cfg.version_of(c) for c in o["routes"])]
+        vectors = embed_by_version(self.embedders, [p for _, _, p in jobs], [mv for _, mv, _ in jobs])
+        for (o, mv, _), v in zip(jobs, vectors):
+            o.setdefault("vectors", {})[mv] = v
+        return found

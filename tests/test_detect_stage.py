@@ -209,3 +209,23 @@ def test_rerun_reuses_objects_and_new_detect_settings_recompute(per_category):
     third = pipeline.run(stricter)
     assert third["counts"]["processed"] == PRODUCTS and third["counts"]["changed"] == PRODUCTS
     assert third["counts"]["indexed"] <= rep2["counts"]["indexed"]
+
+
+def test_a_product_shot_is_embedded_whole_and_an_outfit_item_by_its_crop():
+    from engine import imaging
+
+    cfg = config.load(None, ["detect.whole_photo_share=0.6", "detect.box_padding=0.1"]).detect
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), np.uint8))
+    shot = {"category": "tops", "box": [40.0, 10.0, 240.0, 150.0], "score": 0.7}  # 200 of 300 px wide
+    item = {"category": "shoes", "box": [10.0, 10.0, 100.0, 90.0], "score": 0.9}
+    assert np.array_equal(detect.embed_input(img, shot, cfg, 224), imaging.preprocess(img, 224))
+    assert np.array_equal(detect.embed_input(img, item, cfg, 224), detect.crop_input(img, item["box"], 0.1, 224))
+    never = cfg.model_copy(update={"whole_photo_share": None})
+    assert np.array_equal(detect.embed_input(img, shot, never, 224), detect.crop_input(img, shot["box"], 0.1, 224))
+    # the service's whole-photo input is the catalog's: as decoded when embedded whole, from the
+    # detect stage's decoded image when the pipeline detects
+    assert np.array_equal(detect.whole_photo(img, cfg.model_copy(update={"catalog": False}), 224),
+                          imaging.preprocess(img, 224))
+    staged = Image.fromarray(imaging.fit(img, cfg.image_size))
+    assert np.array_equal(detect.whole_photo(img, cfg.model_copy(update={"catalog": True, "detector": "shipped"}), 224),
+                          imaging.preprocess(staged, 224))

@@ -88,7 +88,8 @@ def test_search_by_uploaded_image_finds_the_product(service, catalog):
     assert body["detected"] >= 1 and obj["category"] == "bottoms" and obj["score"] >= cfg.detect.score_threshold
     x0, y0, x1, y1 = obj["box"]
     assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112 and (x1 - x0) * (y1 - y0) > 0.2 * 112 * 112
-    assert obj["results"][0]["product_id"] == pid and {r["category"] for r in obj["results"]} == {"bottoms"}
+    assert obj["searched"][0] == "bottoms" and {r["category"] for r in obj["results"]} <= set(obj["searched"])
+    assert obj["results"][0] == {"product_id": pid, "category": "bottoms", "score": pytest.approx(1.0, abs=1e-3)}
     # the whole photo when asked for a category: the stored vector itself
     status, body = call("POST", f"{base}/search?k=5&category=bottoms", data, {"Content-Type": "image/png"})
     (whole,) = body["objects"]
@@ -98,6 +99,30 @@ def test_search_by_uploaded_image_finds_the_product(service, catalog):
     answer = demo.upload_example(base, urllib.request.url2pathname(
         urllib.parse.urlparse(catalog[pid]["image_url"]).path))
     assert answer["objects"][0]["results"][0]["product_id"] == pid
+
+
+def test_a_catalog_photo_posted_to_search_gets_the_neighbours_of_similar(service, catalog):
+    """A product shot is embedded whole, as the catalog was: /search answers what /similar does."""
+    base, cfg, rep = service
+    labels = {pid: r["label"] for pid, r in catalog.items() if r["label"] not in ("broken", "x")}
+    same = overlap = 0
+    queries = demo.pick_queries(sorted(labels), labels, 40, seed=3)
+    for pid in queries:
+        status, body = call("POST", f"{base}/search?k=11", image_bytes(catalog, pid), {"Content-Type": "image/png"})
+        assert status == 200, body
+        obj = body["objects"][0]
+        assert obj["searched"][0] == obj["category"] and {r["category"] for r in obj["results"]} <= set(obj["searched"])
+        assert all(a["category"] != obj["category"] for a in obj["alternatives"])
+        if catalog[pid]["category"] not in obj["searched"]:
+            continue
+        same += 1
+        assert obj["results"][0] == {"product_id": pid, "category": catalog[pid]["category"],
+                                     "score": pytest.approx(1.0, abs=1e-3)}
+        found = [r["product_id"] for r in obj["results"] if r["product_id"] != pid][:10]
+        _, similar = call("GET", f"{base}/similar/{pid}?k=10")
+        overlap += len(set(found) & {r["product_id"] for r in similar["results"]}) / 10
+    assert same >= 0.9 * len(queries), same  # routed to the product's own category
+    assert overlap / same >= 0.9, overlap / same  # equal, but for neighbours from a second category searched
 
 
 def test_search_finds_each_object_of_an_outfit_photo(service):
@@ -113,12 +138,14 @@ def test_search_finds_each_object_of_an_outfit_photo(service):
     assert status == 200 and body["detected"] >= len(labels), body
     for box, label in zip(boxes, labels):
         name = outfits.CLASSES[label - 1]
-        mine = [o for o in body["objects"] if o["category"] == name]
+        mine = [o for o in body["objects"] if name in o["searched"]]
         assert mine, (name, body["objects"])
         ious = detector._box_iou(np.asarray([box]), np.asarray([o["box"] for o in mine], np.float32))[0]
         best = mine[int(ious.argmax())]
         assert ious.max() >= 0.5 and len(best["results"]) == 5
-        assert {r["category"] for r in best["results"]} == {name}
+        assert {r["category"] for r in best["results"]} <= set(best["searched"])
+    ious = detector._box_iou(boxes, np.asarray([o["box"] for o in body["objects"]], np.float32))
+    assert (ious >= 0.5).sum(axis=1).max() == 1  # one object per item
 
 
 def test_search_matches_the_pipeline_vector(service, catalog, published):
