@@ -183,7 +183,9 @@ def test_a_service_with_other_category_models_refuses_the_index(per_category):
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": free_port()})})
     base = app.start(cfg)
     try:
-        status, body = demo.http_json("GET", f"{base}/healthz")
+        status, body = demo.http_json("GET", f"{base}/healthz")  # open: status only
+        assert status == 503 and body.get("state") == "refused", body
+        status, body = demo.http_json("GET", f"{base}/version")  # why (behind the token when one is set)
         assert status == 503 and "bags: bags-v2, effnet-lite0-512-v1" in str(body), body
     finally:
         serve.shutdown()
