@@ -1,5 +1,9 @@
 """Write the openAPIV3Schema of CRDs as JSON files here, for tests/test_manifests.py.
 
+The JSON files are derived from KubeRay (github.com/ray-project/kuberay, v1.6.2) and
+prometheus-operator (github.com/prometheus-operator/prometheus-operator, v0.93.0), both under
+the Apache License 2.0, as is this repository; each file names its source in ``x-source``.
+
     git -C kuberay show v1.6.2:helm-chart/kuberay-operator/crds/ray.io_rayjobs.yaml \
         | python cluster/schemas/extract.py kuberay-v1.6.2
     git -C kuberay show v1.6.2:ray-operator/apis/ray/v1/rayservice_types.go \
