@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Query, Request
 from ray import serve
 
-from engine import imaging, metrics
+from engine import detect, imaging, metrics
 from engine.config import Config, ConfigError, ServeConfig
 from engine.index import Location, category_version, merge, summary
 from engine.storage import gcs_options
