@@ -16,44 +16,16 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 from engine.index import MANIFEST
+from engine.pointer import POINTER, Pointer, latest, read_pointer  # noqa: F401 - re-exported
 from engine.storage import Storage
 
-POINTER = "LATEST"
 STALE_LOCK_S = 60.0  # a local swap holds its lock for milliseconds; older means its owner died
 
 
 class PublishConflict(RuntimeError):
     """LATEST moved between this run's start and its publish."""
-
-
-@dataclass(frozen=True)
-class Pointer:
-    version: str | None
-    token: str  # GCS: the object generation ("0": absent); local: the pointer's text ("": absent)
-
-
-def read_pointer(storage: Storage, model_version: str) -> Pointer:
-    path = storage.path("indexes", model_version, POINTER)
-    if storage.is_local:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return Pointer(None, "")
-        return Pointer(text.strip() or None, text)
-    bucket, key, _ = storage.fs.split_path(path)
-    try:  # one request: the content and the generation it belongs to
-        headers, body = storage.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
-    except FileNotFoundError:
-        return Pointer(None, "0")
-    return Pointer(body.decode().strip() or None, headers["x-goog-generation"])
-
-
-def latest(storage: Storage, model_version: str) -> str | None:
-    return read_pointer(storage, model_version).version
 
 
 def versions(storage: Storage, model_version: str) -> list[str]:
