@@ -8,7 +8,8 @@ local disk it is a compare-and-replace under an ``O_EXCL`` lock file. Of two run
 from the same LATEST, the first to publish wins and the second fails with PublishConflict
 instead of replacing a newer index with an older catalog's.
 
-Old versions beyond ``storage.keep_versions`` are deleted, never the one LATEST names.
+Old versions beyond ``storage.keep_versions`` are retired (engine/gc.py), never the one LATEST
+names, and never shards a kept version still serves by reference.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import time
 import uuid
 
+from engine import gc
 from engine.index import MANIFEST
 from engine.pointer import POINTER, Pointer, latest, read_pointer  # noqa: F401 - re-exported
 from engine.storage import Storage
@@ -112,10 +114,6 @@ def publish(storage: Storage, model_version: str, index_version: str, keep: int,
         raise RuntimeError(f"refusing to publish {index_version}: it has no manifest")
     expected = expected or read_pointer(storage, model_version)
     current = swap(storage, model_version, index_version, expected)
-    removed = []
-    for old in versions(storage, model_version)[:-keep] if keep else []:
-        if old not in (index_version, current.version):
-            storage.rm("indexes", model_version, old)
-            removed.append(old)
+    removed = gc.prune_indexes(storage, model_version, keep, protect=(index_version, current.version))
     return {"published": index_version, "previous": expected.version, "removed": removed,
             "latest_uri": storage.uri("indexes", model_version, POINTER)}
