@@ -74,7 +74,7 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
     moving = state.filter(mask).sort_by([("file", "ascending"), ("row", "ascending")])
     staying = state.filter(pc.invert(mask))
     refs, pieces = [], []
-    task = ray.remote(copy_rows).options(num_cpus=0.25, name="compact")
+    task = ray.remote(num_cpus=0.25)(copy_rows)
     for (mv, category), names in sorted(chosen.items()):
         rows = moving.filter(pc.is_in(moving.column("file"), value_set=pa.array(names, pa.string())))
         bytes_per_row = sum(catalog[n]["bytes"] for n in names) / max(1, sum(catalog[n]["rows"] for n in names))

@@ -222,3 +222,20 @@ def _write_table(storage: Storage, table: pa.Table, *parts: str) -> None:
     tmp = f"{target}.tmp"
     pq.write_table(table, tmp, filesystem=storage.fs)
     storage.fs.mv(tmp, target)
+
+
+def categories(storage: Storage, model_version: str, version: str) -> list[str]:
+    return sorted(read_meta(storage, model_version, version)["categories"])
+
+
+def read_category(storage: Storage, model_version: str, version: str, category: str,
+                  columns=("product_id", "vector")) -> pa.Table:
+    """A category's stored columns (vectors included) for a version, read by file and row."""
+    state = read_state(storage, model_version, version, columns=["file", "row"])
+    state = state.filter(pc.equal(state.column("category"), category)).sort_by([("file", "ascending"),
+                                                                               ("row", "ascending")])
+    parts = []
+    for file in pc.unique(state.column("file")).to_pylist():
+        rows = state.filter(pc.equal(state.column("file"), file)).column("row")
+        parts.append(pq.read_table(storage.path(file), columns=list(columns), filesystem=storage.fs).take(rows))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in columns})

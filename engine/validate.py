@@ -194,9 +194,9 @@ def _run_checks(storage: Storage, manifest: dict, sizes: dict, seed: int, cache_
     cats = sorted(manifest["categories"])
     if not ray.is_initialized():
         return [check_category(storage, manifest, c, sizes.get(c, 0), seed, cache_dir) for c in cats]
-    task = ray.remote(check_category).options(num_cpus=0.5, name="validate")
+    task = ray.remote(check_category)
     ref = ray.put(manifest)
-    return ray.get([task.options(name=f"validate:{c}").remote(storage, ref, c, sizes.get(c, 0), seed) for c in cats])
+    return ray.get([task.options(num_cpus=0.5, name=f"validate:{c}").remote(storage, ref, c, sizes.get(c, 0), seed) for c in cats])
 
 
 def _judge(manifest: dict, answers: list[dict], storage: Storage, cfg: ValidateConfig, expected, result: dict,
