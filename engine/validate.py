@@ -17,8 +17,9 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from engine import manifest
+from engine import features, manifest
 from engine.config import ValidateConfig
 from engine.index import (MANIFEST, IndexLoadError, LoadedIndex, Shard, category_params, merge, read_manifest,
                           shard_prefix, version_prefix)
@@ -29,10 +30,15 @@ EXACT_BLOCK = 65_536  # rows per matmul block: bounded memory whatever the shard
 TIE = 1e-5
 
 
-def feature_counts(storage: Storage, model_version: str, index_version: str) -> dict[str, int]:
-    """Objects per category in the version's product manifest ({} for an index without one)."""
+def feature_counts(storage: Storage, model_version: str, index_version: str, run_id: str = "") -> dict[str, int]:
+    """Objects per category in the version's product manifest; for an index built from a bare run
+    (synthetic stores), the rows of that run's files ({} when neither exists)."""
     meta = manifest.read_meta(storage, model_version, index_version)
-    return dict(meta["categories"]) if meta else {}
+    if meta:
+        return dict(meta["categories"])
+    return {cat: sum(pq.ParquetFile(storage.path(f), filesystem=storage.fs).metadata.num_rows
+                     for f in features.run_files(storage, model_version, run_id, cat))
+            for cat in features.run_categories(storage, model_version, run_id)} if run_id else {}
 
 
 def _exact_scores(vecs: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
@@ -206,7 +212,8 @@ def _judge(manifest: dict, answers: list[dict], storage: Storage, cfg: ValidateC
             fail(f"manifest: {name} count {entry['count']} is not the sum of its shards")
     result["counts_checked_against"] = "run"
     if expected is None:
-        expected = feature_counts(storage, manifest["model_version"], manifest["index_version"])
+        expected = feature_counts(storage, manifest["model_version"], manifest["index_version"],
+                                  manifest.get("run_id") or "")
         result["counts_checked_against"] = "features"
     if not expected:  # an index copied away from its features: the manifest is what we have
         expected = {c: sum(s["count"] for s in e["shards"]) for c, e in manifest["categories"].items()}
