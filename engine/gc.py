@@ -45,7 +45,7 @@ def _references(storage: Storage, line: str, versions: list[str]) -> set[tuple[s
     out = set()
     for v in versions:
         m = storage.read_json("indexes", line, v, MANIFEST)
-        out |= {(owner(m, c), c) for c in m["categories"]}
+        out |= {(owner(m, c), c) for c in m.get("categories", {})}
     return out
 
 

@@ -261,3 +261,38 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     except Exception as exc:
         report.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise RunFailed(f"{report.current or 'run'} failed: {type(exc).__name__}: {exc}", report.data) from exc
+
+
+def compact_store(cfg: Config, version: str | None = None) -> dict:
+    """``lookalike compact``: compact the published state now, as its own version.
+
+    The new version holds the same objects (every category keeps its shards by reference) with
+    its feature files merged; it is validated and published like a run, then garbage is collected.
+    Nothing to merge: nothing is written.
+    """
+    version = version or new_run_id()
+    storage = Storage.from_config(cfg.storage)
+    mv = cfg.embed.model_version
+    report = Report(version, mv, storage)
+    try:
+        raycluster.connect(cfg.ray)
+        base = publish.read_pointer(storage, mv)
+        base_version, before = base_state(storage, mv, base)
+        if base_version is None:
+            raise RunFailed(f"nothing to compact: {mv} has no published version with a manifest", report.data)
+        files = manifest.read_meta(storage, mv, base_version)["files"]
+        if not compact.choose(files, int(cfg.features.target_file_mb * compact.MIB)):
+            report.data["compaction"] = {"files_in": 0, "files_out": 0, "rows_moved": 0}
+            report.data["index_version"] = base_version
+            report.finish("unchanged")
+            return report.data
+        empty = manifest.empty_state()
+        finish(cfg, storage, report, version, base, before, empty, empty.select(manifest.KEY))
+        report.finish("published")
+        return report.data
+    except RunFailed as exc:
+        report.finish("failed", error=str(exc))
+        raise
+    except publish.PublishConflict as exc:
+        report.finish("failed", error=str(exc))
+        raise RunFailed(str(exc), report.data) from None

@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import detect, imaging, metrics, publish
 from engine.config import Config, ConfigError, DetectConfig, EmbedConfig, ServeConfig
 from engine.embed import Embedder, embed_by_version
-from engine.index import Directory, Location, category_version, merge, model_mismatch, read_manifest, summary
+from engine.index import (Directory, Location, category_version, merge, model_mismatch, prune_cache, read_manifest,
+                          summary)
 from engine.storage import Storage, gcs_options
 from serve.searcher import Searcher, ShardGroup, assign
 
@@ -179,6 +180,9 @@ class Swapper:
             finally:
                 self.preparing = None
             previous, self.active = self.active, routing
+            if not self.storage.is_local:  # the cache keeps the version served and the one before
+                prune_cache(self.cfg.serve.cache_dir, self.model_version,
+                            [routing.manifest] + ([previous.manifest] if previous else []))
             self.swapped_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.refused.pop(version, None)
             log.info("serving index %s (was %s)", version, previous and previous.version)
