@@ -66,7 +66,8 @@ class VersionStore:
         self.last_used: dict[str, float] = {}
         self.in_flight: dict[str, int] = {}
         self.last_asked: str | None = None
-        self.order: list[str] = []  # versions in the order they were loaded
+        self.order: list[str] = []  # the last two versions loaded, oldest first: what the cache keeps
+        self.manifests: dict[str, dict] = {}
         self._load_lock = threading.Lock()
         self._count_lock = threading.Lock()
 
@@ -108,11 +109,10 @@ class VersionStore:
     def _prune(self, version: str) -> None:
         """Keep on local disk only ``version`` and the one loaded before it (for rollback); a version
         still loaded past that keeps working from its mmap, and is fetched again if asked for later."""
-        self.order = [v for v in self.order if v != version] + [version]
-        if self.storage.is_local:
-            return
-        keep = [self.loaded[v].manifest for v in self.order[-2:] if v in self.loaded]
-        prune_cache(self.cache_dir, self.model_version, keep)
+        self.order = [v for v in self.order if v != version][-1:] + [version]
+        self.manifests = {v: self.manifests.get(v) or self.loaded[v].manifest for v in self.order}
+        if not self.storage.is_local:
+            prune_cache(self.cache_dir, self.model_version, list(self.manifests.values()))
 
     def acquire(self, version: str) -> LoadedIndex:
         index = self.load(version)
