@@ -66,7 +66,8 @@ def year(products: int, dim: int, days: int, target_mb: float, seed: int = 0) ->
             sampled[day] = _measure(storage, root, mv, dim, index_s)
             print(json.dumps({"part": "year", "day": day, **sampled[day],
                               "elapsed_s": round(time.time() - t0, 1)}), flush=True)
-        catalog = churn.advance()
+        if day < days:
+            catalog = churn.advance()
     rep = synthetic.daily_run(cfg, churn.advance(only="bags"), f"d{days + 1:04d}")
     build = rep["index_build"]
     rebuilt = build["shards"] / max(1, build["shards"] + build["shards_reused"])
@@ -107,7 +108,7 @@ def main() -> int:
     ap.add_argument("--products", type=int, default=20_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--days", type=int, default=365)
-    ap.add_argument("--target-file-mb", type=float, default=0.5,
+    ap.add_argument("--target-file-mb", type=float, default=0.25,
                     help="features.target_file_mb for the year (small, so a small catalog has several files)")
     ap.add_argument("--skip-funnel", action="store_true")
     args = ap.parse_args()

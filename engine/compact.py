@@ -2,8 +2,8 @@
 ``features.target_file_mb``, so bytes under features/ stay within a small multiple of the live
 vectors and the number of files stays flat however many runs there have been.
 
-A file is rewritten when it is small (under half the target) or sparse (under ``LIVE_FLOOR`` of
-its rows still live). Its live rows are copied, in (file, row) order, into new files with new
+A file is rewritten when it is sparse (under ``LIVE_FLOOR`` of its rows still live), or small
+(under half the target) once its category has ``MAX_SMALL`` small files or half a target of them. Its live rows are copied, in (file, row) order, into new files with new
 names; nothing that exists is changed. The caller then commits a manifest that points the moved
 rows at their new place, and only after publish does garbage collection (engine/gc.py) delete
 files that no kept version references. So a crash at any step loses nothing and never shows a row
@@ -24,6 +24,7 @@ from engine.features import compacted_prefix, write_part
 from engine.storage import Storage
 
 LIVE_FLOOR = 0.5
+MAX_SMALL = 8
 MIB = 1 << 20
 
 
@@ -34,18 +35,20 @@ def _group(file: str) -> tuple[str, str]:
 
 
 def choose(catalog: dict, target_bytes: int) -> dict[tuple[str, str], list[str]]:
-    """Files worth rewriting, per (model version, category)."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """Files worth rewriting, per (model version, category): every sparse file, and the small ones
+    once there are ``MAX_SMALL`` of them or they add up to half the target (so a day's few new
+    parts wait for the next days' instead of rewriting the same tail file every day)."""
+    small: dict[tuple[str, str], list[str]] = {}
+    sparse: dict[tuple[str, str], list[str]] = {}
     for name, entry in sorted(catalog.items()):
-        small = entry["bytes"] < target_bytes / 2
-        sparse = entry["live"] < LIVE_FLOOR * entry["rows"]
-        if small or sparse:
-            groups.setdefault(_group(name), []).append(name)
-    out = {}
-    for key, names in groups.items():
-        lone = len(names) == 1 and catalog[names[0]]["live"] == catalog[names[0]]["rows"]
-        if not lone:  # one small dense file has nothing to merge with
-            out[key] = names
+        if entry["live"] < LIVE_FLOOR * entry["rows"]:
+            sparse.setdefault(_group(name), []).append(name)
+        elif entry["bytes"] < target_bytes / 2:
+            small.setdefault(_group(name), []).append(name)
+    out = {key: list(names) for key, names in sparse.items()}
+    for key, names in small.items():
+        if len(names) >= MAX_SMALL or sum(catalog[n]["bytes"] for n in names) >= target_bytes / 2:
+            out[key] = sorted(out.get(key, []) + names)
     return out
 
 

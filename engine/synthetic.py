@@ -105,13 +105,20 @@ def make_run(storage: Storage, model_version: str, run_id: str, sizes: dict[str,
 
 
 def key_vectors(keys: list[str], dim: int, clusters: int = 32, seed: int = 0) -> np.ndarray:
-    """A deterministic unit vector per content key (in place of the model): a cluster centre chosen
-    by the key's hash plus noise seeded by it, so the same key always gives the same vector."""
-    centres = _unit(np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32))
+    """A deterministic unit vector per content key (in place of the model): a cluster chosen by the
+    key's hash, a point of that cluster's own few-dimensional subspace seeded by it (like real
+    embeddings: clustered, low intrinsic dimension), so the same key always gives the same vector."""
+    rng = np.random.default_rng(seed)
+    local = 6
+    centres = _unit(rng.standard_normal((clusters, dim)).astype(np.float32))
+    bases = rng.standard_normal((clusters, local, dim)).astype(np.float32) / np.sqrt(local)
     out = np.empty((len(keys), dim), np.float32)
     for i, key in enumerate(keys):
         h = int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
-        out[i] = centres[h % clusters] + np.random.default_rng(h).standard_normal(dim).astype(np.float32) * 0.35
+        r = np.random.default_rng(h)
+        c = h % clusters
+        out[i] = centres[c] + 0.6 * r.standard_normal(local).astype(np.float32) @ bases[c] \
+            + 0.02 * r.standard_normal(dim).astype(np.float32)
     return _unit(out)
 
 
