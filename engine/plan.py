@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from engine import manifest, pointer
 from engine.manifest import STATE_SCHEMA, empty_state
