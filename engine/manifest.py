@@ -198,7 +198,8 @@ def write(storage: Storage, model_version: str, index_version: str, base_version
     parts = folder(model_version, index_version)
     storage.makedirs(*parts)
     if fresh:
-        added, removed, chain, delta_rows = state, REMOVED_SCHEMA.empty_table(), [index_version], 0
+        added = state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+        removed, chain, delta_rows = REMOVED_SCHEMA.empty_table(), [index_version], 0
     else:
         chain = base["chain"] + [index_version]
     _write_table(storage, added, *parts, "added.parquet")
