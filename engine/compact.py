@@ -34,10 +34,12 @@ def _group(file: str) -> tuple[str, str]:
     return parts[1], parts[-2].split("=", 1)[1]
 
 
-def choose(catalog: dict, target_bytes: int) -> dict[tuple[str, str], list[str]]:
+def choose(catalog: dict, target_bytes: int, min_small: int | None = None) -> dict[tuple[str, str], list[str]]:
     """Files worth rewriting, per (model version, category): every sparse file, and the small ones
     once there are ``MAX_SMALL`` of them or they add up to half the target (so a day's few new
-    parts wait for the next days' instead of rewriting the same tail file every day)."""
+    parts wait for the next days' instead of rewriting the same tail file every day). ``min_small``:
+    another count (``lookalike compact`` merges as soon as there are two)."""
+    min_small = MAX_SMALL if min_small is None else min_small
     small: dict[tuple[str, str], list[str]] = {}
     sparse: dict[tuple[str, str], list[str]] = {}
     for name, entry in sorted(catalog.items()):
@@ -47,7 +49,7 @@ def choose(catalog: dict, target_bytes: int) -> dict[tuple[str, str], list[str]]
             small.setdefault(_group(name), []).append(name)
     out = {key: list(names) for key, names in sparse.items()}
     for key, names in small.items():
-        if len(names) >= MAX_SMALL or sum(catalog[n]["bytes"] for n in names) >= target_bytes / 2:
+        if len(names) >= min_small or sum(catalog[n]["bytes"] for n in names) >= target_bytes / 2:
             out[key] = sorted(out.get(key, []) + names)
     return out
 
@@ -62,13 +64,14 @@ def copy_rows(root, slices: list[tuple[str, np.ndarray]], prefix: tuple, name: s
     return write_part(storage, prefix, pa.concat_tables(parts, promote_options="default"), name)
 
 
-def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, run_id: str) -> tuple[pa.Table, dict]:
+def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, run_id: str,
+            min_small: int | None = None) -> tuple[pa.Table, dict]:
     """Rewrite the chosen files' live rows into new files; returns the state with those rows moved
     and what was done. The new files exist before anything refers to them."""
     import ray
 
     target = int(target_mb * MIB)
-    chosen = choose(catalog, target)
+    chosen = choose(catalog, target, min_small)
     stats = {"files_in": 0, "files_out": 0, "rows_moved": 0}
     if not chosen:
         return state, stats

@@ -25,6 +25,7 @@ from engine.storage import Storage
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
+EAGER_SMALL = 2  # lookalike compact merges a category's small files as soon as there are two
 
 
 class RunFailed(RuntimeError):
@@ -170,12 +171,12 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
-           before: pa.Table, added: pa.Table, removed: pa.Table) -> None:
+           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
     ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
-    rows that leave. Every step writes new things before anything refers to them, and deletes only
+    rows that leave; ``min_small``: see compact.choose. Every step writes new things before anything refers to them, and deletes only
     after publish what no kept version refers to, so a crash anywhere is finished by the next run.
     """
     mv = cfg.embed.model_version
@@ -185,7 +186,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
         state = manifest.apply(before, added, removed)
         base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
         files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
-        state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version)
+        state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
+                                                                min_small)
         delta_added, delta_removed = manifest.diff(before, state)
         meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
     report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
@@ -281,13 +283,13 @@ def compact_store(cfg: Config, version: str | None = None) -> dict:
         if base_version is None:
             raise RunFailed(f"nothing to compact: {mv} has no published version with a manifest", report.data)
         files = manifest.read_meta(storage, mv, base_version)["files"]
-        if not compact.choose(files, int(cfg.features.target_file_mb * compact.MIB)):
+        if not compact.choose(files, int(cfg.features.target_file_mb * compact.MIB), EAGER_SMALL):
             report.data["compaction"] = {"files_in": 0, "files_out": 0, "rows_moved": 0}
             report.data["index_version"] = base_version
             report.finish("unchanged")
             return report.data
         empty = manifest.empty_state()
-        finish(cfg, storage, report, version, base, before, empty, empty.select(manifest.KEY))
+        finish(cfg, storage, report, version, base, before, empty, empty.select(manifest.KEY), EAGER_SMALL)
         report.finish("published")
         return report.data
     except RunFailed as exc:
