@@ -27,7 +27,7 @@ from google.auth.exceptions import GoogleAuthError
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from engine.catalog import CatalogError
+from engine.errors import CatalogError
 from engine.config import SourceConfig
 
 log = logging.getLogger(__name__)

@@ -11,15 +11,12 @@ import os
 import pyarrow as pa
 
 from engine.config import SourceConfig
+from engine.errors import CatalogError  # noqa: F401 - the catalog's error, raised here and by sources
 from engine.storage import Storage
 
 CATALOG_FIELDS = ("product_id", "image_url", "category")
 # Reading is I/O; a whole CPU per read task would starve the actor pools on a 2-core node.
 READ_CPUS = 0.25
-
-
-class CatalogError(RuntimeError):
-    """The catalog cannot be read as a whole (missing file or table, bad query, missing column)."""
 
 
 def _format(cfg: SourceConfig) -> str:

@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="one pipeline run; exit 0 only when an index was validated and published")
     _common(run)
     run.add_argument("--full", action="store_true", help="recompute every row (same as --set plan.full=true)")
+    cmp = sub.add_parser("compact", help="merge small and mostly-dead feature files now; publishes the result")
+    _common(cmp)
     srv = sub.add_parser("serve", help="the search service on the last published index")
     _common(srv)
     val = sub.add_parser("validate", help="validate a built index version; non-zero exit when it fails")
@@ -101,6 +103,19 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def cmd_compact(args) -> int:
+    from engine import pipeline
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        rep = pipeline.compact_store(cfg)
+    except pipeline.RunFailed as exc:
+        print(f"lookalike compact: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps({k: rep.get(k) for k in ("status", "index_version", "compaction", "gc")}))
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     from serve import app
 
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level or "INFO", args.log_format or "text")  # until the config says otherwise
     try:
-        return {"demo": cmd_demo, "run": cmd_run, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
+        return {"demo": cmd_demo, "run": cmd_run, "compact": cmd_compact, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except config.ConfigError as exc:
         print(f"lookalike {args.command}: config error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -293,6 +293,11 @@ class StorageConfig(_Section):
     gcs_project: Optional[str] = None
 
 
+class FeaturesConfig(_Section):
+    target_file_mb: float = Field(256, gt=0, description="compaction merges feature parts into files of about "
+                                  "this size and rewrites files under half of it or mostly dead")
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -388,6 +393,7 @@ class Config(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
 

@@ -12,11 +12,14 @@ runs as many builds at once as it has memory for, never more.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,9 @@ MIB = 1 << 20
 # euclidean/dot one more float). Item i is node i, so item vectors can be read straight off the file.
 NODE_HEADER = {"angular": 12, "euclidean": 16, "dot": 16}
 BUILD_HEADROOM = 256 * MIB
+PARTIAL = ".part"
+PARTIAL_GRACE_S = 3600.0
+log = logging.getLogger(__name__)
 
 
 def version_prefix(model_version: str, index_version: str) -> tuple[str, str, str]:
@@ -210,10 +216,12 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
     return entry
 
 
-def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list[str]],
-                     cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None) -> dict:
+def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list],
+                     cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None,
+                     reused: dict[str, dict] | None = None) -> dict:
     """Build every shard of every category as parallel Ray tasks, then write the manifest (last).
-    ``versions``: category -> the model version its features come from (default: ``model_version``)."""
+    ``versions``: category -> the model version its features come from (default: ``model_version``);
+    ``reused``: category -> an earlier version's entry whose shards this version serves as they are."""
     import ray
 
     t0 = time.time()
@@ -222,13 +230,14 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
     if storage.exists(*prefix, MANIFEST):
         raise RuntimeError(f"{storage.uri(*prefix)} already exists: index versions are immutable")
     specs = plan(storage, files_by_category, cfg)
-    if not specs:
+    reused = reused or {}
+    if not specs and not reused:
         raise ValueError(f"no feature rows to index for model {model_version}")
-    dims = {s["dim"] for s in specs}
+    dims = {s["dim"] for s in specs} | {e["dim"] for e in reused.values()}
     if len(dims) != 1:
         raise ValueError(f"categories have different vector dims {sorted(dims)}; one index version needs one dim")
-    biggest, room = max(s["memory"] for s in specs), _largest_node_memory()
-    if biggest > room:
+    biggest, room = max([s["memory"] for s in specs], default=0), _largest_node_memory() if specs else 0
+    if specs and biggest > room:
         raise RuntimeError(f"a shard build needs {biggest / 2**30:.1f} GiB of memory and the largest Ray node "
                            f"offers {room / 2**30:.1f} GiB; lower index.max_shard_size")
     n_jobs = max(1, int(cfg.cpus_per_shard))
@@ -236,7 +245,7 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
     refs = [task.options(num_cpus=cfg.cpus_per_shard, memory=s["memory"],
                          name=f"index:{s['category']}/{shard_name(s['shard'])}")
             .remote(root, prefix, s, cfg.seed, n_jobs) for s in specs]
-    entries = ray.get(refs)
+    entries = ray.get(refs) if refs else []
     categories: dict[str, dict] = {}
     for spec, entry in zip(specs, entries):
         cat = categories.setdefault(spec["category"], {
@@ -244,6 +253,8 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
             "model_version": (versions or {}).get(spec["category"], model_version), "shards": []})
         cat["count"] += entry["count"]
         cat["shards"].append(entry)
+    categories.update(reused)
+    categories = dict(sorted(categories.items()))
     manifest = {
         "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
@@ -252,6 +263,7 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
         "count": sum(c["count"] for c in categories.values()),
         "categories": categories,
         "build": {"seconds": round(time.time() - t0, 3), "shards": len(specs),
+                  "shards_reused": sum(len(e["shards"]) for e in reused.values()), "reused": sorted(reused),
                   "shard_seconds": round(sum(e["build_s"] for e in entries), 3)},
     }
     storage.write_json(manifest, *prefix, MANIFEST)
@@ -259,11 +271,49 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
 
 
 def build(root: str, model_version: str, run_id: str, index_version: str, cfg: IndexConfig) -> dict:
-    """Build an index version from one run's feature shards."""
+    """Build an index version from every feature file of one run (synthetic stores, benchmarks)."""
     storage = Storage.of(root)
-    files = features.shard_rows(storage, model_version, run_id)
-    return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id,
-                            versions=features.model_versions(storage, model_version, run_id))
+    files = {cat: [(storage.path(f), None) for f in features.run_files(storage, model_version, run_id, cat)]
+             for cat in features.run_categories(storage, model_version, run_id)}
+    return build_from_files(root, model_version, index_version, files, cfg, run_id=run_id)
+
+
+def _reusable(entry: dict | None, count: int, params: dict, model_version: str) -> bool:
+    return entry is not None and entry["count"] == count and entry.get("params") == params \
+        and entry.get("model_version") == model_version
+
+
+def build_version(root, model_version: str, index_version: str, state: pa.Table, cfg: IndexConfig,
+                  base: dict | None = None, changed: set | None = None) -> dict:
+    """Build ``index_version`` from a manifest state (engine/manifest.py): each category's rows
+    are read straight from their file and row position. A category not in ``changed`` whose
+    entry in ``base`` (the previous version's manifest) still matches keeps that version's shards
+    by reference: no copy, no rebuild."""
+    storage = Storage.of(root)
+    table = state.select(["category", "model_version", "file", "row"]).sort_by(
+        [("category", "ascending"), ("file", "ascending"), ("row", "ascending")])
+    cats = table.column("category").to_numpy(zero_copy_only=False)
+    cuts = np.flatnonzero(cats[1:] != cats[:-1]) + 1 if len(cats) else np.array([], np.int64)
+    files_by_category, reused, versions = {}, {}, {}
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(cats)]) if len(cats) else ():
+        part = table.slice(int(lo), int(hi - lo))
+        category = str(cats[lo])
+        mvs = pc.unique(part.column("model_version")).to_pylist()
+        if len(mvs) != 1:
+            raise ValueError(f"category {category} mixes features of model versions {sorted(mvs)}")
+        versions[category] = mvs[0]
+        old = (base or {}).get("categories", {}).get(category)
+        if base is not None and category not in (changed or set()) and \
+                _reusable(old, part.num_rows, cfg.params(category), mvs[0]):
+            reused[category] = {**old, "version": owner(base, category)}
+            continue
+        files = part.column("file").to_numpy(zero_copy_only=False)
+        rows = part.column("row").to_numpy()
+        fcuts = np.flatnonzero(files[1:] != files[:-1]) + 1
+        files_by_category[category] = [(storage.path(str(files[a])), rows[a:b])
+                                       for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(files)])]
+    return build_from_files(root, model_version, index_version, files_by_category, cfg, run_id=index_version,
+                            versions=versions, reused=reused)
 
 
 # ---------------------------------------------------------------- loading and searching
@@ -273,21 +323,70 @@ class IndexLoadError(RuntimeError):
     pass
 
 
+def owner(manifest: dict, category: str) -> str:
+    """The version whose folder holds a category's shards: itself, or the earlier one it reuses."""
+    return manifest["categories"][category].get("version") or manifest["index_version"]
+
+
+def shard_prefix(manifest: dict, category: str) -> tuple[str, str, str]:
+    return version_prefix(manifest["model_version"], owner(manifest, category))
+
+
 def category_params(manifest: dict, category: str) -> dict:
     return manifest["categories"][category].get("params") or manifest["params"]
 
 
-def local_copy(storage: Storage, cache_dir: str, parts: tuple) -> str:
-    """A local path for a stored file: itself on local storage, else a copy in the cache (Annoy mmaps files)."""
+def local_copy(storage: Storage, cache_dir: str, parts: tuple, sha: str | None = None) -> str:
+    """A local path for a stored file: itself on local storage, else a copy in the cache (Annoy mmaps
+    files). A copy is fetched under a unique temporary name (replicas on one node share the cache),
+    checked against ``sha`` and fetched once more on a mismatch; a second mismatch refuses the file."""
     if storage.is_local:
         return storage.path(*parts)
     target = os.path.join(cache_dir, *parts)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.part"
-        storage.get_file(tmp, *parts)
-        os.replace(tmp, target)
-    return target
+    if os.path.exists(target) and (sha is None or sha256(target) == sha):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    for attempt in (1, 2):
+        tmp = f"{target}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+        try:
+            storage.get_file(tmp, *parts)
+            if sha is None or sha256(tmp) == sha:
+                os.replace(tmp, target)
+                return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.warning("%s: checksum mismatch after copy %d of 2", "/".join(parts), attempt)
+    raise IndexLoadError(f"{'/'.join(parts[-2:])}: checksum mismatch (corrupt file; fetched twice)")
+
+
+def cached_files(manifest: dict) -> set[str]:
+    """The cache paths (relative to the cache dir) of every file a version reads."""
+    return {"/".join(shard_prefix(manifest, cat) + (cat, e[k])) for cat, entry in manifest["categories"].items()
+            for e in entry["shards"] for k in ("index", "ids")}
+
+
+def prune_cache(cache_dir: str, model_version: str, keep: list[dict]) -> int:
+    """Delete cached files of ``model_version`` that none of ``keep`` (the served version and the one
+    before) reads; a temporary copy is left alone while young (another replica may be writing it)."""
+    wanted = set().union(*(cached_files(m) for m in keep)) if keep else set()
+    top = os.path.join(cache_dir, "indexes", model_version)
+    gone = 0
+    for folder, dirs, names in os.walk(top, topdown=False):
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, cache_dir).replace(os.sep, "/")
+            if rel in wanted:
+                continue
+            if name.endswith(PARTIAL) and time.time() - os.path.getmtime(path) < PARTIAL_GRACE_S:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                gone += 1
+        if folder != top and not os.listdir(folder):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    return gone
 
 
 def category_version(manifest: dict, category: str) -> str:
@@ -305,8 +404,8 @@ def model_mismatch(manifest: dict, embed_cfg) -> dict[str, tuple[str, str]]:
 def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
              verify: bool = True) -> tuple[pa.Array, pa.Array]:
     """A shard's (product ids, own flags); id maps written before objects have no flags: all own."""
-    path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]))
-    if verify and sha256(path) != entry["ids_sha256"]:
+    path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]), entry["ids_sha256"] if verify else None)
+    if verify and storage.is_local and sha256(path) != entry["ids_sha256"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
     try:
         table = pq.read_table(path)
@@ -342,8 +441,8 @@ class Shard:
     @classmethod
     def load(cls, storage: Storage, prefix: tuple, category: str, entry: dict, dim: int, params: dict,
              cache_dir: str, verify: bool = True) -> "Shard":
-        path = local_copy(storage, cache_dir, prefix + (category, entry["index"]))
-        if verify:
+        path = local_copy(storage, cache_dir, prefix + (category, entry["index"]), entry["sha256"] if verify else None)
+        if verify and storage.is_local:
             size = os.path.getsize(path)
             if "bytes" in entry and size != entry["bytes"]:
                 raise IndexLoadError(f"{category}/{entry['index']}: {size} bytes, manifest says {entry['bytes']} "
@@ -428,8 +527,7 @@ class Directory:
 
     @classmethod
     def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
-        prefix = version_prefix(manifest["model_version"], manifest["index_version"])
-        return cls([(cat, e["shard"], *read_ids(storage, prefix, cat, e, cache_dir, verify))
+        return cls([(cat, e["shard"], *read_ids(storage, shard_prefix(manifest, cat), cat, e, cache_dir, verify))
                     for cat, entry in manifest["categories"].items() for e in entry["shards"]])
 
     def __len__(self) -> int:
@@ -490,12 +588,17 @@ class LoadedIndex:
     def load(cls, storage: Storage, model_version: str, index_version: str, cache_dir: str,
              verify: bool = True, select=None) -> "LoadedIndex":
         """Load every shard (or those where ``select(category, shard_number)``), checking sizes and checksums."""
-        prefix = version_prefix(model_version, index_version)
         manifest = read_manifest(storage, model_version, index_version)
+        return cls.from_manifest(storage, manifest, cache_dir, verify, select)
+
+    @classmethod
+    def from_manifest(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True,
+                      select=None) -> "LoadedIndex":
         shards = []
         try:
             for name, entry in manifest["categories"].items():
                 params = category_params(manifest, name)
+                prefix = shard_prefix(manifest, name)
                 for e in entry["shards"]:
                     if select is None or select(name, e["shard"]):
                         shards.append(Shard.load(storage, prefix, name, e, manifest["dim"], params, cache_dir, verify))

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import catalog, download, features, index, metrics, notify, plan, publish, raycluster, validate
+from engine import (catalog, compact, download, features, gc, index, manifest, metrics, notify, plan, publish, raycluster,
+                    validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -24,6 +25,7 @@ from engine.storage import Storage
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
+EAGER_SMALL = 2  # lookalike compact merges a category's small files as soon as there are two
 
 
 class RunFailed(RuntimeError):
@@ -114,7 +116,7 @@ REJECT_COLUMNS = ("product_id", "image_url", "category", "reason", "detail")
 
 def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str) -> pa.Table:
     """Count outcomes (per catalog row: its first object), write rejects.parquet, and return the
-    manifest rows of this run: one per product and category."""
+    state rows of this run (manifest.STATE_SCHEMA): one per product and category."""
     counts = report.data["counts"]
     counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0, objects=0)
     reasons, rejects, entries, shown = collections.Counter(), [], [], time.time()
@@ -139,8 +141,7 @@ def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, det
             counts["objects"] += 1
             entries.append({"product_id": row["product_id"], "image_url": row["image_url"],
                             "category": row["category"], "catalog_category": row["catalog_category"],
-                            "content_key": row["content_key"],
-                            "source_run": run_id if row["status"] == "ok" else row["source_run"],
+                            "content_key": row["content_key"], "file": row["file"], "row": row["row"],
                             "model_version": cfg.embed.version_of(row["category"]),
                             "detect_version": detect_version, "objects": row["objects"]})
         report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
@@ -152,20 +153,61 @@ def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, det
     storage.makedirs("runs", run_id)
     pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
                    filesystem=storage.fs)
-    manifest = pa.Table.from_pylist(entries, schema=features.MANIFEST_SCHEMA)
-    report.data["categories"] = dict(sorted(collections.Counter(manifest.column("category").to_pylist()).items()))
-    return manifest
+    state = pa.Table.from_pylist(entries, schema=manifest.STATE_SCHEMA)
+    report.data["categories"] = dict(sorted(collections.Counter(state.column("category").to_pylist()).items()))
+    return state
 
 
-def _removed(storage: Storage, model_version: str, manifest: pa.Table) -> int:
+def _removed(before: pa.Table, state: pa.Table) -> int:
     """Products of the published index that this run's catalog no longer has."""
-    published = publish.latest(storage, model_version)
-    previous = features.read_manifest(storage, model_version, published) if published else None
-    if previous is None:
-        return 0
-    before = pc.unique(previous.column("product_id"))
-    gone = pc.invert(pc.is_in(before, value_set=manifest.column("product_id")))
+    gone = pc.invert(pc.is_in(pc.unique(before.column("product_id")), value_set=state.column("product_id")))
     return int(pc.sum(gone).as_py() or 0)
+
+
+def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> tuple[str | None, pa.Table]:
+    """(version, state) of the published manifest a run builds on ((None, empty) when there is none)."""
+    if base.version and manifest.exists(storage, model_version, base.version):
+        return base.version, manifest.read_state(storage, model_version, base.version)
+    return None, manifest.empty_state()
+
+
+def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
+           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None) -> None:
+    """After the stream: compact, commit the manifest (a delta on ``before``), build the index
+    (categories nobody changed keep their shards), validate, publish, collect garbage.
+
+    ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
+    rows that leave; ``min_small``: see compact.choose. Every step writes new things before anything refers to them, and deletes only
+    after publish what no kept version refers to, so a crash anywhere is finished by the next run.
+    """
+    mv = cfg.embed.model_version
+    base_version = base.version if base.version and manifest.exists(storage, mv, base.version) else None
+    changed = set(added.column("category").to_pylist()) | set(removed.column("category").to_pylist())
+    with report.stage("compact"):
+        state = manifest.apply(before, added, removed)
+        base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
+        files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
+        state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
+                                                                min_small)
+        delta_added, delta_removed = manifest.diff(before, state)
+        meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
+    report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
+    with report.stage("index"):
+        previous = index.read_manifest(storage, mv, base_version) \
+            if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
+        built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed)
+    report.data["index_build"] = built["build"]
+    report.data["index_version"] = version
+    with report.stage("validate"):
+        result = validate.validate(storage, mv, version, cfg.index.validate_, expected=meta["categories"])
+    report.data["validation"] = result
+    if not result["ok"]:
+        raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]), report.data)
+    with report.stage("publish"):
+        report.data["publish"] = publish.publish(storage, mv, version, cfg.storage.keep_versions, expected=base)
+    with report.stage("gc"):
+        report.data["gc"] = gc.collect(storage, mv, cfg.storage.keep_versions)
+    report.data["index_uri"] = storage.uri(*index.version_prefix(mv, version))
 
 
 def _unchanged(counts: dict) -> bool:
@@ -192,42 +234,31 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.data["device"] = device
             base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
         with report.stage("plan"):
-            known = plan.empty_state() if cfg.plan.full \
+            known = manifest.empty_state() if cfg.plan.full \
                 else plan.known_features(storage, mv, list(cfg.embed.models()), run_id)
             report.data["known_features"] = known.num_rows
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
             detect_version = cfg.detect.signature()  # hashes the detector's weights: once a run
             ds = build_dataset(cfg, run_id, device, storage, known, detect_version, throttle)
-            manifest = _consume(ds, report, storage, run_id, cfg, detect_version)
+            state = _consume(ds, report, storage, run_id, cfg, detect_version)
             report.data["download"] = download.stats(throttle)
             report.measure(ds, {"plan": (1, 1), "download": (cfg.download.actors, download.CALLS_PER_ACTOR),
                                 "detect": (cfg.detect.actors, 1), "embed": (cfg.embed.actors, 1)},
                            {"download": cfg.download.max_rps})
         report.rate("download_embed_store", report.data["counts"]["ok"])
         counts = report.data["counts"]
-        counts["removed"] = _removed(storage, mv, manifest)
-        counts["indexed"] = manifest.num_rows
-        if manifest.num_rows == 0:
+        base_version, before = base_state(storage, mv, base)
+        counts["removed"] = _removed(before, state)
+        counts["indexed"] = state.num_rows
+        if state.num_rows == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         check_reject_ratio(report.data, cfg.download.max_reject_ratio)
         if not cfg.plan.publish_unchanged and _unchanged(counts):
             report.data["index_version"] = publish.latest(storage, mv)
             report.finish("unchanged")
             return report.data
-        features.write_manifest(storage, mv, run_id, manifest)
-        with report.stage("index"):
-            index.build(storage, mv, run_id, run_id, cfg.index)
-        report.data["index_version"] = run_id
-        with report.stage("validate"):
-            expected = features.counts(storage, mv, run_id)
-            result = validate.validate(storage, mv, run_id, cfg.index.validate_, expected=expected)
-        report.data["validation"] = result
-        if not result["ok"]:
-            raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]),
-                            report.data)
-        with report.stage("publish"):
-            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
-        report.data["index_uri"] = storage.uri(*index.version_prefix(mv, run_id))
+        added, removed = manifest.diff(before, state)
+        finish(cfg, storage, report, run_id, base, before, added, removed)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
@@ -236,3 +267,38 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     except Exception as exc:
         report.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise RunFailed(f"{report.current or 'run'} failed: {type(exc).__name__}: {exc}", report.data) from exc
+
+
+def compact_store(cfg: Config, version: str | None = None) -> dict:
+    """``lookalike compact``: compact the published state now, as its own version.
+
+    The new version holds the same objects (every category keeps its shards by reference) with
+    its feature files merged; it is validated and published like a run, then garbage is collected.
+    Nothing to merge: nothing is written.
+    """
+    version = version or new_run_id()
+    storage = Storage.from_config(cfg.storage)
+    mv = cfg.embed.model_version
+    report = Report(version, mv, storage)
+    try:
+        raycluster.connect(cfg.ray)
+        base = publish.read_pointer(storage, mv)
+        base_version, before = base_state(storage, mv, base)
+        if base_version is None:
+            raise RunFailed(f"nothing to compact: {mv} has no published version with a manifest", report.data)
+        files = manifest.read_meta(storage, mv, base_version)["files"]
+        if not compact.choose(files, int(cfg.features.target_file_mb * compact.MIB), EAGER_SMALL):
+            report.data["compaction"] = {"files_in": 0, "files_out": 0, "rows_moved": 0}
+            report.data["index_version"] = base_version
+            report.finish("unchanged")
+            return report.data
+        empty = manifest.empty_state()
+        finish(cfg, storage, report, version, base, before, empty, empty.select(manifest.KEY), EAGER_SMALL)
+        report.finish("published")
+        return report.data
+    except RunFailed as exc:
+        report.finish("failed", error=str(exc))
+        raise
+    except publish.PublishConflict as exc:
+        report.finish("failed", error=str(exc))
+        raise RunFailed(str(exc), report.data) from None

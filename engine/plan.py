@@ -19,66 +19,51 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from engine import features, publish
+from engine import manifest, pointer
+from engine.manifest import STATE_SCHEMA, empty_state
 from engine.storage import Storage
 
 NEW, CHANGED, REUSE, DUPLICATE = "new", "changed", "reuse", "duplicate"
 PLAN_FIELDS = [pa.field("content_key", pa.string()), pa.field("action", pa.string()),
-               pa.field("source_run", pa.string()), pa.field("catalog_category", pa.string()),
-               pa.field("row", pa.int64()), pa.field("object", pa.int32()), pa.field("objects", pa.int32()),
+               pa.field("file", pa.string()), pa.field("row", pa.int64()), pa.field("catalog_category", pa.string()),
+               pa.field("catalog_row", pa.int64()), pa.field("object", pa.int32()), pa.field("objects", pa.int32()),
                pa.field("note", pa.string())]  # note: why a duplicate row is rejected (the download stage says it)
-STATE_COLUMNS = ["product_id", "content_key", "category", "catalog_category", "source_run", "model_version",
-                 "detect_version", "objects"]
-STATE_SCHEMA = pa.schema([pa.field(c, pa.int32() if c == "objects" else pa.string()) for c in STATE_COLUMNS])
-
-
-def empty_state() -> pa.Table:
-    return STATE_SCHEMA.empty_table()
-
-
 def content_key(image_url, updated_at) -> str:
     raw = f"{image_url or ''}\x00{'' if updated_at is None else updated_at}"
     return hashlib.sha1(raw.encode()).hexdigest()[:20]
 
 
 def known_features(storage: Storage, line: str, model_versions: list[str], current_run: str) -> pa.Table:
-    """STATE_COLUMNS of every reusable stored feature (one row per object).
+    """STATE rows of every reusable stored feature (one row per object), plus ``source``: 0 for the
+    published manifest, then 1, 2, ... for committed parts of later runs that never published.
 
     ``line``: the index line (embed.model_version) whose published manifest is read;
     ``model_versions``: the feature namespaces the config uses, whose orphan runs count too.
-    Later sources win: orphan runs newer than the published manifest are read after it.
     """
+    published = pointer.latest(storage, line)
     tables = []
-    published = publish.latest(storage, line)
-    manifest = features.read_manifest(storage, line, published) if published else None
-    if manifest is not None:
-        tables.append(manifest.select(STATE_COLUMNS))
-    since = manifest_run(manifest) if manifest is not None else ""
-    orphans = sorted((run_id, mv) for mv in dict.fromkeys(model_versions) for run_id in features.runs(storage, mv)
-                     if run_id > since and run_id != current_run)
-    for run_id, mv in orphans:
-        keys = features.read_run_keys(storage, mv, run_id)
-        if keys.num_rows:
-            tables.append(keys.select(STATE_COLUMNS))
+    if published and manifest.exists(storage, line, published):
+        tables.append(manifest.read_state(storage, line, published))
+    pending = manifest.pending_state(storage, model_versions, published, current_run)
+    if pending.num_rows:
+        tables.append(pending)
     if not tables:
-        return empty_state()
-    return pa.concat_tables([t.cast(STATE_SCHEMA) for t in tables])
-
-
-def manifest_run(manifest: pa.Table) -> str:
-    """The newest run whose features a manifest uses: runs up to it are accounted for."""
-    runs = manifest.column("source_run")
-    return pc.max(runs).as_py() or "" if len(runs) else ""
+        return empty_state().append_column("source", pa.array([], pa.int32()))
+    out = []
+    for number, t in enumerate(tables):
+        out.append(t.cast(STATE_SCHEMA).append_column("source", pa.array([number] * t.num_rows, pa.int32())))
+    return pa.concat_tables(out)
 
 
 def stored_objects(table: pa.Table) -> dict[str, list[dict]]:
-    """product_id -> its stored objects, from the latest source that has them (table order)."""
+    """product_id -> its stored objects, from the latest source that has them (table order; a
+    pending run's parts: the run of the file)."""
     out: dict[str, list[dict]] = {}
     for entry in table.to_pylist():
+        entry["origin"] = (entry.get("source"), entry["file"].split("/")[2] if entry["source"] else "")
         have = out.get(entry["product_id"])
-        if have is None or have[0]["source_run"] != entry["source_run"]:
+        if have is None or have[0]["origin"] != entry["origin"]:
             out[entry["product_id"]] = [entry]
         elif all(e["category"] != entry["category"] for e in have):
             have.append(entry)
@@ -124,15 +109,16 @@ class PlanStage:
             if pid is not None and pid in self.seen:
                 plans = [(DUPLICATE, None, cat, f"product_id seen earlier in this catalog (kept {self.seen[pid]})")]
             elif self.reusable(objects, key, cat):
-                plans = [(REUSE, o["source_run"], o["category"], None) for o in objects]
+                plans = [(REUSE, (o["file"], o["row"]), o["category"], None) for o in objects]
             else:
                 plans = [(NEW if objects is None else CHANGED, None, cat, None)]
             if pid is not None:
                 self.seen.setdefault(pid, url)
             for number, (action, source, category, detail) in enumerate(plans):
                 take.append(i)
-                for name, value in (("content_key", key), ("action", action), ("source_run", source),
-                                    ("catalog_category", cat), ("row", row), ("object", number),
+                file, position = source or (None, None)
+                for name, value in (("content_key", key), ("action", action), ("file", file), ("row", position),
+                                    ("catalog_category", cat), ("catalog_row", row), ("object", number),
                                     ("objects", len(plans)), ("note", detail), ("category", category)):
                     extra[name].append(value)
         out = batch.take(pa.array(take, pa.int64())).drop_columns(["category"])

@@ -4,71 +4,28 @@ if nobody else moved it since this run looked at it.
 ``indexes/<model_version>/LATEST`` holds one line, the index version. A run reads the pointer
 when it starts (``read_pointer``) and publishes with that reading as the expected state: a
 compare-and-swap. On GCS the swap is a write with an ``ifGenerationMatch`` precondition
-(google-cloud-storage's ``if_generation_match``); on a
-local disk it is a compare-and-replace under an ``O_EXCL`` lock file. Of two runs that start
+(google-cloud-storage's ``if_generation_match``); on a local disk it is a compare-and-replace under an ``O_EXCL`` lock file. Of two runs that start
 from the same LATEST, the first to publish wins and the second fails with PublishConflict
 instead of replacing a newer index with an older catalog's.
 
-Old versions beyond ``storage.keep_versions`` are deleted, never the one LATEST names.
+Old versions beyond ``storage.keep_versions`` are retired (engine/gc.py), never the one LATEST
+names, and never shards a kept version still serves by reference.
 """
 from __future__ import annotations
 
-import functools
 import os
-import re
 import time
 import uuid
-from dataclasses import dataclass
 
 from google.api_core import exceptions as gcs_exceptions
 
-from engine.config import NAME
+from engine import gc
 from engine.index import MANIFEST
+from engine.pointer import (POINTER, Pointer, PublishConflict, _blob, gcs_client, latest,  # noqa: F401 - re-exported
+                            read_pointer)
 from engine.storage import Storage
 
-POINTER = "LATEST"
 STALE_LOCK_S = 60.0  # a local swap holds its lock for milliseconds; older means its owner died
-
-
-class PublishConflict(RuntimeError):
-    """LATEST moved between this run's start and its publish."""
-
-
-@dataclass(frozen=True)
-class Pointer:
-    version: str | None
-    token: str  # GCS: the object generation ("0": absent); local: the pointer's text ("": absent)
-
-
-def read_pointer(storage: Storage, model_version: str) -> Pointer:
-    path = storage.path("indexes", model_version, POINTER)
-    if storage.is_local:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return Pointer(None, "")
-        return Pointer(text.strip() or None, text)
-    for _ in range(5):
-        blob = _blob(storage, model_version)  # fresh: a blob that knows a generation reads only that one
-        try:
-            blob.reload()  # the generation
-        except gcs_exceptions.NotFound:
-            return Pointer(None, "0")
-        try:  # the content of exactly that generation; it moved in between: read again
-            body = blob.download_as_bytes(if_generation_match=blob.generation)
-        except gcs_exceptions.PreconditionFailed:
-            continue
-        return Pointer(body.decode().strip() or None, str(blob.generation))
-    raise PublishConflict(f"{path}: rewritten on every read; another publisher is looping")
-
-
-def latest(storage: Storage, model_version: str) -> str | None:
-    """The version LATEST names; a name that is not a plain path segment is refused, never followed."""
-    version = read_pointer(storage, model_version).version
-    if version is not None and not re.match(NAME, version):
-        raise ValueError(f"LATEST of {model_version} names {version[:80]!r}, not a usable index version")
-    return version
 
 
 def versions(storage: Storage, model_version: str) -> list[str]:
@@ -99,35 +56,6 @@ def _swap_gcs(storage: Storage, model_version: str, text: str, expected: Pointer
         return False
     storage.fs.invalidate_cache(storage.path("indexes", model_version))
     return True
-
-
-def _blob(storage: Storage, model_version: str):
-    """The LATEST object through google-cloud-storage, with the endpoint and credentials of ``storage``."""
-    bucket, key, _ = storage.fs.split_path(storage.path("indexes", model_version, POINTER))
-    return gcs_client(storage.options).bucket(bucket).blob(key)
-
-
-@functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None, token: str | None, project: str | None):
-    from google.cloud import storage as gcs
-
-    if token == "anon":  # an emulator; a project is required but never used
-        from google.auth.credentials import AnonymousCredentials
-
-        credentials, project = AnonymousCredentials(), project or "anonymous"
-    elif token and token != "google_default":
-        from google.oauth2 import service_account
-
-        credentials = service_account.Credentials.from_service_account_file(token)
-    else:
-        credentials = None  # Application Default Credentials
-    options = {"api_endpoint": endpoint} if endpoint else None
-    return gcs.Client(project=project, credentials=credentials, client_options=options)
-
-
-def gcs_client(options: dict):
-    """A google-cloud-storage Client for gcsfs-style storage options (engine.storage.gcs_options)."""
-    return _client(options.get("endpoint_url"), options.get("token"), options.get("project"))
 
 
 def _swap_local(storage: Storage, model_version: str, text: str, expected: Pointer) -> bool:
@@ -179,10 +107,6 @@ def publish(storage: Storage, model_version: str, index_version: str, keep: int,
         raise RuntimeError(f"refusing to publish {index_version}: it has no manifest")
     expected = expected or read_pointer(storage, model_version)
     current = swap(storage, model_version, index_version, expected)
-    removed = []
-    for old in versions(storage, model_version)[:-keep] if keep else []:
-        if old not in (index_version, current.version):
-            storage.rm("indexes", model_version, old)
-            removed.append(old)
+    removed = gc.prune_indexes(storage, model_version, keep, protect=(index_version, current.version))
     return {"published": index_version, "previous": expected.version, "removed": removed,
             "latest_uri": storage.uri("indexes", model_version, POINTER)}

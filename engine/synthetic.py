@@ -14,6 +14,7 @@ measures the same numbers side by side.
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 import numpy as np
@@ -98,3 +99,111 @@ def make_run(storage: Storage, model_version: str, run_id: str, sizes: dict[str,
         if vectors_out is not None:
             vectors_out[category] = np.concatenate(kept) if kept else np.zeros((0, dim), np.float32)
     return dict(sizes)
+
+
+# ---------------------------------------------------------------- simulated daily runs (no model)
+
+
+def key_vectors(keys: list[str], dim: int, clusters: int = 32, seed: int = 0) -> np.ndarray:
+    """A deterministic unit vector per content key (in place of the model): a cluster chosen by the
+    key's hash, a point of that cluster's own few-dimensional subspace seeded by it (like real
+    embeddings: clustered, low intrinsic dimension), so the same key always gives the same vector."""
+    rng = np.random.default_rng(seed)
+    local = 6
+    centres = _unit(rng.standard_normal((clusters, dim)).astype(np.float32))
+    bases = rng.standard_normal((clusters, local, dim)).astype(np.float32) / np.sqrt(local)
+    out = np.empty((len(keys), dim), np.float32)
+    for i, key in enumerate(keys):
+        h = int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
+        r = np.random.default_rng(h)
+        c = h % clusters
+        out[i] = centres[c] + 0.6 * r.standard_normal(local).astype(np.float32) @ bases[c] \
+            + 0.02 * r.standard_normal(dim).astype(np.float32)
+    return _unit(out)
+
+
+def daily_run(cfg, catalog: pa.Table, version: str, clusters: int = 32) -> dict:
+    """One run of the real post-plan code on a catalog (product_id, category, content_key,
+    image_url) with vectors from ``key_vectors`` instead of download + model: rows whose
+    (product_id, category, content_key) is in the published state are reused, the rest go through
+    ``features.write_batch`` in ``storage.feature_batch_rows`` batches, then ``pipeline.finish``
+    (compact, manifest, index, validate, publish, gc). Returns the run's report."""
+    import pyarrow.compute as pc
+
+    from engine import manifest, pipeline, pointer
+    from engine.report import Report
+    from engine.storage import Storage
+
+    storage = Storage.from_config(cfg.storage)
+    mv, dim = cfg.embed.model_version, cfg.embed.dim
+    base = pointer.read_pointer(storage, mv)
+    _, before = pipeline.base_state(storage, mv, base)
+    key = ["product_id", "category", "content_key"]
+    reused = before.join(catalog.select(key), key, join_type="inner", use_threads=False) if before.num_rows \
+        else before
+    fresh = catalog.join(before.select(key), key, join_type="left anti", use_threads=False) if before.num_rows \
+        else catalog
+    fresh = fresh.sort_by("product_id")
+    written = []
+    step = cfg.storage.feature_batch_rows
+    versions = {"": mv}
+    for lo in range(0, fresh.num_rows, step):
+        batch = fresh.slice(lo, step)
+        vecs = key_vectors(batch.column("content_key").to_pylist(), dim, clusters)
+        n = batch.num_rows
+        batch = batch.append_column("catalog_category", batch.column("category")) \
+            .append_column("status", pa.array(["ok"] * n)).append_column("objects", pa.array([1] * n, pa.int32())) \
+            .append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), dim))
+        out = features.write_batch(batch, storage, versions, "whole", version)
+        written.append(out.append_column("model_version", pa.array([mv] * n))
+                       .append_column("detect_version", pa.array(["whole"] * n)))
+    rows = [t.select(manifest.STATE_SCHEMA.names).cast(manifest.STATE_SCHEMA) for t in written]
+    state = pa.concat_tables([reused.select(manifest.STATE_SCHEMA.names).cast(manifest.STATE_SCHEMA)] + rows)
+    added, removed = manifest.diff(before, state)
+    report = Report(version, mv, storage)
+    report.data["counts"].update(rows_in=catalog.num_rows, processed=fresh.num_rows,
+                                 unchanged_reused=int(pc.sum(pc.is_in(catalog.column("product_id"),
+                                                                      value_set=reused.column("product_id"))).as_py()
+                                                      or 0))
+    pipeline.finish(cfg, storage, report, version, base, before, added, removed)
+    report.finish("published")
+    return report.data
+
+
+class Churn:
+    """A catalog that changes every day: ``rate`` of the products new, as many with a changed
+    image (new content key), as many removed; deterministic from the seed."""
+
+    def __init__(self, products: int, categories: list[str], rate: float = 0.01, seed: int = 0):
+        self.categories, self.rate = list(categories), rate
+        self.rng = np.random.default_rng(seed)
+        self.next_id = products
+        self.ids = np.arange(products)
+        self.stamp = np.zeros(products, np.int64)
+        self.day = 0
+
+    def table(self) -> pa.Table:
+        ids = [f"p{i:08d}" for i in self.ids]
+        cats = [self.categories[i % len(self.categories)] for i in self.ids]
+        keys = [f"{p}@{s}" for p, s in zip(ids, self.stamp)]
+        return pa.table({"product_id": ids, "category": cats, "content_key": keys,
+                         "image_url": [f"https://img.example/{k}.jpg" for k in keys]})
+
+    def advance(self, only: str | None = None) -> pa.Table:
+        """The next day's catalog; ``only``: every change falls in that category."""
+        self.day += 1
+        n = max(1, int(round(self.rate * len(self.ids))))
+        pool = np.flatnonzero(np.asarray([self.categories[i % len(self.categories)] == only for i in self.ids])) \
+            if only else np.arange(len(self.ids))
+        picked = self.rng.choice(pool, size=min(len(pool), 2 * n), replace=False)
+        changed, removed = picked[:n], picked[n:]
+        self.stamp[changed] = self.day
+        keep = np.ones(len(self.ids), bool)
+        keep[removed] = False
+        step = len(self.categories) if only else 1
+        first = self.next_id + ((self.categories.index(only) - self.next_id) % step if only else 0)
+        new = np.arange(first, first + n * step, step)
+        self.next_id = int(new[-1]) + 1
+        self.ids = np.concatenate([self.ids[keep], new])
+        self.stamp = np.concatenate([self.stamp[keep], np.zeros(len(new), np.int64)])
+        return self.table()

@@ -12,13 +12,17 @@ import math
 import posixpath
 import tempfile
 import time
+import zlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import features
+from engine import features, manifest
 from engine.config import ValidateConfig
-from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, merge, version_prefix
+from engine.index import (MANIFEST, IndexLoadError, LoadedIndex, Shard, category_params, merge, read_manifest,
+                          shard_prefix, version_prefix)
 from engine.storage import Storage
 
 K = 10
@@ -26,12 +30,15 @@ EXACT_BLOCK = 65_536  # rows per matmul block: bounded memory whatever the shard
 TIE = 1e-5
 
 
-def feature_counts(storage: Storage, model_version: str, run_id: str) -> dict[str, int]:
-    counts = features.counts(storage, model_version, run_id)  # incremental runs: the product manifest
-    if counts:
-        return counts
-    return {cat: sum(pq.ParquetFile(f, filesystem=storage.fs).metadata.num_rows for f, _ in files)
-            for cat, files in features.shard_rows(storage, model_version, run_id).items()}
+def feature_counts(storage: Storage, model_version: str, index_version: str, run_id: str = "") -> dict[str, int]:
+    """Objects per category in the version's product manifest; for an index built from a bare run
+    (synthetic stores), the rows of that run's files ({} when neither exists)."""
+    meta = manifest.read_meta(storage, model_version, index_version)
+    if meta:
+        return dict(meta["categories"])
+    return {cat: sum(pq.ParquetFile(storage.path(f), filesystem=storage.fs).metadata.num_rows
+                     for f in features.run_files(storage, model_version, run_id, cat))
+            for cat in features.run_categories(storage, model_version, run_id)} if run_id else {}
 
 
 def _exact_scores(vecs: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
@@ -70,45 +77,88 @@ def sharded_search(shards: list[Shard], vector: np.ndarray, k: int) -> list[dict
     return merge([(s.category, *s.search(vec, k)) for s in shards], k)
 
 
-def recall(index: LoadedIndex, sample: int, rng: np.random.Generator, k: int = K) -> dict:
-    """Recall@k of the sharded search vs exact search, self-query hit rate, per category and overall.
+def category_recall(shards: list[Shard], m: int, rng: np.random.Generator, k: int = K) -> tuple[list, list]:
+    """Recall@k and self-hits of ``m`` queries drawn from one category's own items.
 
-    Queries are items of the index (real vectors), spread over categories by size. Each query is
-    left out of both answers (it is trivially its own best match); ties at the k-th exact score
-    count as hits, since any of them is an exact answer.
+    Each query is left out of both answers (it is trivially its own best match); ties at the
+    k-th exact score count as hits, since any of them is an exact answer.
     """
-    total = sum(index.counts().values()) or 1
-    per_category, recalls, self_hits = {}, [], []
-    for name, shards in index.categories.items():
-        n = sum(len(s) for s in shards)
-        if n < 2:
-            continue
-        m = min(n, max(1, math.ceil(sample * n / total)))
-        picks = np.sort(rng.choice(n, size=m, replace=False))
-        starts = np.cumsum([0] + [len(s) for s in shards])
-        queries, own = [], []
-        for p in picks:
-            s = int(np.searchsorted(starts, p, "right") - 1)
-            queries.append(shards[s].vector(int(p - starts[s])))
-            own.append(shards[s].ids[int(p - starts[s])].as_py())
-        queries = np.stack(queries)
-        kk = min(k, n - 1)
-        exact_ids, kth = exact_top(shards, queries, kk + 1)
-        cat_recall, cat_self = [], []
-        for q, pid, truth, tie in zip(queries, own, exact_ids, kth):
-            got = sharded_search(shards, q, kk + 1)
-            cat_self.append(bool(got) and _is_duplicate(got, pid))
-            truth_set = set(truth) - {pid}
-            hits = [h for h in got if h["product_id"] != pid][:kk]
-            cat_recall.append(sum(h["product_id"] in truth_set or h["score"] >= tie - TIE for h in hits) / kk)
-        per_category[name] = {"recall_at_10": round(float(np.mean(cat_recall)), 4),
-                              "self_hit_rate": round(float(np.mean(cat_self)), 4), "sample": len(picks)}
-        recalls += cat_recall
-        self_hits += cat_self
+    n = sum(len(s) for s in shards)
+    picks = np.sort(rng.choice(n, size=m, replace=False))
+    starts = np.cumsum([0] + [len(s) for s in shards])
+    queries, own = [], []
+    for p in picks:
+        s = int(np.searchsorted(starts, p, "right") - 1)
+        queries.append(shards[s].vector(int(p - starts[s])))
+        own.append(shards[s].ids[int(p - starts[s])].as_py())
+    queries = np.stack(queries)
+    kk = min(k, n - 1)
+    exact_ids, kth = exact_top(shards, queries, kk + 1)
+    recalls, selfs = [], []
+    for q, pid, truth, tie in zip(queries, own, exact_ids, kth):
+        got = sharded_search(shards, q, kk + 1)
+        selfs.append(bool(got) and _is_duplicate(got, pid))
+        truth_set = set(truth) - {pid}
+        hits = [h for h in got if h["product_id"] != pid][:kk]
+        recalls.append(sum(h["product_id"] in truth_set or h["score"] >= tie - TIE for h in hits) / kk)
+    return recalls, selfs
+
+
+def sample_sizes(counts: dict[str, int], sample: int) -> dict[str, int]:
+    """Queries per category, spread by size; categories under two items are not sampled."""
+    total = sum(counts.values()) or 1
+    return {c: min(n, max(1, math.ceil(sample * n / total))) for c, n in counts.items() if n >= 2}
+
+
+def _summarise(per: dict[str, tuple[list, list]]) -> dict:
+    per_category = {c: {"recall_at_10": round(float(np.mean(r)), 4), "self_hit_rate": round(float(np.mean(h)), 4),
+                        "sample": len(r)} for c, (r, h) in per.items()}
+    recalls = [x for r, _ in per.values() for x in r]
+    selfs = [x for _, h in per.values() for x in h]
     if not recalls:
         return {"recall_at_10": 0.0, "self_hit_rate": 0.0, "sample": 0, "per_category": per_category}
-    return {"recall_at_10": round(float(np.mean(recalls)), 4), "self_hit_rate": round(float(np.mean(self_hits)), 4),
+    return {"recall_at_10": round(float(np.mean(recalls)), 4), "self_hit_rate": round(float(np.mean(selfs)), 4),
             "sample": len(recalls), "per_category": per_category}
+
+
+def recall(index: LoadedIndex, sample: int, rng: np.random.Generator, k: int = K) -> dict:
+    """Recall@k of the sharded search vs exact search and self-query hit rate, per category and overall."""
+    sizes = sample_sizes(index.counts(), sample)
+    return _summarise({c: category_recall(index.categories[c], m, rng, k) for c, m in sizes.items()})
+
+
+def check_category(root, manifest: dict, category: str, m: int, seed: int, cache_dir: str | None = None) -> dict:
+    """Ray task: one category's checks where its shards are (mmap'd in place on a local store; on
+    GCS copied to this worker's own temporary dir, never to the driver). Reused shards of an
+    earlier version are checked like built ones: sizes, checksums, counts, recall."""
+    storage = Storage.of(root)
+    entry = manifest["categories"][category]
+    out = {"category": category, "load": None, "count": 0, "duplicates": 0, "recall": [], "self": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = []
+        try:
+            params, prefix = category_params(manifest, category), shard_prefix(manifest, category)
+            for e in entry["shards"]:
+                shards.append(Shard.load(storage, prefix, category, e, manifest["dim"], params, cache_dir or tmp))
+        except IndexLoadError as exc:
+            out["load"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is a failed check, not a crash
+            out["load"] = f"{type(exc).__name__}: {exc}"
+        try:
+            if out["load"] is None:
+                ids = pa.chunked_array([s.ids for s in shards], pa.string()) if shards else pa.chunked_array([], pa.string())
+                out["count"] = len(ids)
+                out["duplicates"] = len(ids) - len(pc.unique(ids))
+                if m:
+                    out["recall"], out["self"] = category_recall(shards, m, _rng(seed, category))
+        finally:
+            for s in shards:
+                s.close()
+    return out
+
+
+def _rng(seed: int, category: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(category.encode())])
 
 
 def _is_duplicate(got: list[dict], pid: str) -> bool:
@@ -119,50 +169,66 @@ def _is_duplicate(got: list[dict], pid: str) -> bool:
 
 def validate(storage: Storage, model_version: str, index_version: str, cfg: ValidateConfig,
              expected: dict[str, int] | None = None, cache_dir: str | None = None, seed: int = 0) -> dict:
-    """Run every check; ``ok`` is True only when all pass. Never raises for a bad index."""
+    """Run every check; ``ok`` is True only when all pass. Never raises for a bad index.
+
+    One Ray task per category when a Ray cluster is connected (the pipeline), else the same
+    function in this process (``lookalike validate`` on one machine).
+    """
     t0 = time.time()
     result = {"model_version": model_version, "index_version": index_version, "ok": False, "failures": []}
     fail = result["failures"].append
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            index = LoadedIndex.load(storage, model_version, index_version, cache_dir or tmp, verify=True)
-        except IndexLoadError as exc:
-            fail(f"load: {exc}")
-            return result
-        except Exception as exc:  # a corrupt manifest or id map is a failed check, not a crash
-            fail(f"load: {type(exc).__name__}: {exc}")
-            return result
-        try:
-            _check(index, storage, cfg, expected, result, fail, seed)
-        finally:
-            index.close()
+    try:
+        manifest = read_manifest(storage, model_version, index_version)
+    except IndexLoadError as exc:
+        fail(f"load: {exc}")
+        return result
+    sizes = sample_sizes({c: e["count"] for c, e in manifest["categories"].items()}, cfg.sample)
+    answers = _run_checks(storage, manifest, sizes, seed, cache_dir)
+    loads = [a["load"] for a in answers if a["load"]]
+    for reason in loads:
+        fail(f"load: {reason}")
+    if not loads:
+        _judge(manifest, answers, storage, cfg, expected, result, fail)
     result["ok"] = not result["failures"]
     result["seconds"] = round(time.time() - t0, 3)
     return result
 
 
-def _check(index: LoadedIndex, storage: Storage, cfg: ValidateConfig, expected, result: dict, fail, seed: int) -> None:
-    manifest = index.manifest
+def _run_checks(storage: Storage, manifest: dict, sizes: dict, seed: int, cache_dir: str | None) -> list[dict]:
+    import ray
+
+    cats = sorted(manifest["categories"])
+    if not ray.is_initialized():
+        return [check_category(storage, manifest, c, sizes.get(c, 0), seed, cache_dir) for c in cats]
+    task = ray.remote(check_category)
+    ref = ray.put(manifest)
+    return ray.get([task.options(num_cpus=0.5, name=f"validate:{c}").remote(storage, ref, c, sizes.get(c, 0), seed) for c in cats])
+
+
+def _judge(manifest: dict, answers: list[dict], storage: Storage, cfg: ValidateConfig, expected, result: dict,
+           fail) -> None:
     for name, entry in manifest["categories"].items():
         if entry.get("count", sum(s["count"] for s in entry["shards"])) != sum(s["count"] for s in entry["shards"]):
             fail(f"manifest: {name} count {entry['count']} is not the sum of its shards")
     result["counts_checked_against"] = "run"
     if expected is None:
-        expected = feature_counts(storage, manifest["model_version"], manifest.get("run_id") or "")
+        expected = feature_counts(storage, manifest["model_version"], manifest["index_version"],
+                                  manifest.get("run_id") or "")
         result["counts_checked_against"] = "features"
     if not expected:  # an index copied away from its features: the manifest is what we have
         expected = {c: sum(s["count"] for s in e["shards"]) for c, e in manifest["categories"].items()}
         result["counts_checked_against"] = "manifest"
-    counts = index.counts()
+    counts = {a["category"]: a["count"] for a in answers}
     result["counts"] = counts
     if counts != expected:
         fail(f"counts: index has {counts}, features have {expected}")
-    dupes = index.directory.duplicates()
+    dupes = {a["category"]: a["duplicates"] for a in answers if a["duplicates"]}
     if dupes:
         fail(f"duplicates: product_ids indexed twice in one category: {dupes}")
-    rec = recall(index, cfg.sample, np.random.default_rng(seed))
+    rec = _summarise({a["category"]: (a["recall"], a["self"]) for a in answers if a["recall"]})
     result.update(recall_at_10=rec["recall_at_10"], self_hit_rate=rec["self_hit_rate"], sample=rec["sample"],
                   per_category=rec["per_category"])
+    result["reused"] = sorted(c for c, e in manifest["categories"].items() if e.get("version"))
     if rec["sample"] == 0:
         fail("recall: the index has no category with two or more items")
     elif rec["recall_at_10"] < cfg.min_recall_at_10:
@@ -186,7 +252,7 @@ def parse_uri(uri: str) -> tuple[str, str, str | None]:
 
 
 def validate_uri(uri: str, cfg: ValidateConfig, storage_options: dict | None = None) -> dict:
-    from engine.publish import latest
+    from engine.pointer import latest
 
     root, model_version, index_version = parse_uri(uri)
     storage = Storage(root, storage_options)

@@ -21,7 +21,7 @@ from ray import serve
 
 from engine import publish
 from engine.config import Config
-from engine.index import IndexLoadError, LoadedIndex, Location, read_manifest
+from engine.index import IndexLoadError, LoadedIndex, Location, prune_cache, read_manifest
 from engine.storage import Storage
 
 log = logging.getLogger("lookalike.serve")
@@ -66,6 +66,8 @@ class VersionStore:
         self.last_used: dict[str, float] = {}
         self.in_flight: dict[str, int] = {}
         self.last_asked: str | None = None
+        self.order: list[str] = []  # the last two versions loaded, oldest first: what the cache keeps
+        self.manifests: dict[str, dict] = {}
         self._load_lock = threading.Lock()
         self._count_lock = threading.Lock()
 
@@ -98,10 +100,19 @@ class VersionStore:
                 raise IndexLoadError(reason) from None
             self.failed.pop(version, None)
             self.loaded[version] = index
+            self._prune(version)
             self.last_used[version] = time.monotonic()
             log.info("searcher %d: loaded index %s (%d shards) in %.2fs", self.group, version, len(index.shards),
                      time.monotonic() - t0)
             return index
+
+    def _prune(self, version: str) -> None:
+        """Keep on local disk only ``version`` and the one loaded before it (for rollback); a version
+        still loaded past that keeps working from its mmap, and is fetched again if asked for later."""
+        self.order = [v for v in self.order if v != version][-1:] + [version]
+        self.manifests = {v: self.manifests.get(v) or self.loaded[v].manifest for v in self.order}
+        if not self.storage.is_local:
+            prune_cache(self.cache_dir, self.model_version, list(self.manifests.values()))
 
     def acquire(self, version: str) -> LoadedIndex:
         index = self.load(version)

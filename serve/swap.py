@@ -11,7 +11,7 @@ import time
 
 from engine import metrics, publish
 from engine.config import Config
-from engine.index import Directory, model_mismatch, read_manifest
+from engine.index import Directory, model_mismatch, prune_cache, read_manifest
 from engine.storage import Storage
 from serve.routing import Routing
 from serve.searcher import ShardGroup
@@ -68,6 +68,9 @@ class Swapper:
             finally:
                 self.preparing = None
             previous, self.active = self.active, routing
+            if not self.storage.is_local:  # the cache keeps the version served and the one before
+                prune_cache(self.cfg.serve.cache_dir, self.model_version,
+                            [routing.manifest] + ([previous.manifest] if previous else []))
             self.swapped_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.replicas_prepared = self._prepared  # per searcher group: replicas that loaded and checked it
             self.refused.pop(version, None)

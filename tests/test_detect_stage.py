@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port, make_config
-from engine import config, demo, detect, detector, features, index, outfits, pipeline, publish
+from engine import config, demo, detect, detector, index, manifest, outfits, pipeline, publish
 from engine.storage import Storage
 
 PRODUCTS = 24
@@ -35,8 +35,8 @@ def stored(cfg, rep) -> list[dict]:
     storage = Storage(cfg.storage.root)
     mv, run = cfg.embed.model_version, rep["index_version"]
     cols = ("product_id", "category", "catalog_category", "box", "score", "vector")
-    return [r for cat in features.categories(storage, mv, run)
-            for r in features.read_category(storage, mv, run, cat, columns=cols).to_pylist()]
+    return [r for cat in manifest.categories(storage, mv, run)
+            for r in manifest.read_category(storage, mv, run, cat, columns=cols).to_pylist()]
 
 
 def iou(a, b) -> float:

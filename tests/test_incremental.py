@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config
-from engine import features, index, pipeline, publish, sample
+from engine import index, manifest, pipeline, publish, sample
 from engine.storage import Storage
 
 MV = "effnet-lite0-512-v1"
@@ -116,7 +116,7 @@ def test_duplicate_product_ids_are_reported_not_collapsed(first_run, tmp_path):
 
 def committed_rows(root, run_dir_count_before):
     storage = Storage(str(root))
-    return sum(features.read_run_keys(storage, MV, r).num_rows for r in features.runs(storage, MV))
+    return manifest.pending_state(storage, [MV], None, "").num_rows
 
 
 def test_kill_9_mid_embedding_then_resume(ray_cluster, tmp_path):

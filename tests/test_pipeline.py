@@ -4,7 +4,7 @@ import collections
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine import features, index, publish, validate
+from engine import features, index, manifest, publish, validate
 from engine.storage import Storage
 from conftest import BROKEN, MALFORMED, SAMPLE_PRODUCTS
 
@@ -45,8 +45,8 @@ def test_report_is_written_with_stage_timings(published):
 def test_feature_shards_hold_unit_vectors_of_the_configured_dim(published):
     cfg, rep = published
     total, storage = 0, Storage(cfg.storage.root)
-    for category in features.categories(storage, cfg.embed.model_version, rep["run_id"]):
-        table = features.read_category(storage, cfg.embed.model_version, rep["run_id"], category,
+    for category in manifest.categories(storage, cfg.embed.model_version, rep["run_id"]):
+        table = manifest.read_category(storage, cfg.embed.model_version, rep["run_id"], category,
                                        columns=("product_id", "image_url", "category", "label", "vector"))
         vecs = features.vectors(table)
         assert vecs.shape[1] == cfg.embed.dim == 512

@@ -1,0 +1,242 @@
+"""The product manifest: which objects an index version holds and where each one's vector is.
+
+One row per (product, object) in STATE_SCHEMA; ``file`` (a feature parquet path relative to the
+storage root) and ``row`` (its position in that file) say where the vector is, so the index build
+reads exactly the rows it needs and nothing ever lists a folder to find them.
+
+A version's manifest is a delta on an earlier one, so a run writes manifest data in proportion to
+what changed, not a full copy::
+
+    manifests/<line>/<version>/added.parquet    STATE rows new in this version (a base: all rows)
+    manifests/<line>/<version>/removed.parquet  (product_id, category) of earlier rows that leave
+    manifests/<line>/<version>/meta.json        written last: chain, counts, feature files used
+
+``meta.chain`` lists the versions to apply, oldest (a full base) first, ending with this one.
+When the deltas since the base pass ``CONSOLIDATE_FRACTION`` of its rows, the new version is
+written as a fresh base instead (so reading a state costs at most ~1.5 bases). ``meta.files``
+is the feature-file catalog of the state (file -> rows, live rows, bytes): compaction picks files
+from it and garbage collection keeps exactly the files some kept version names there.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.features import run_categories, run_files
+from engine.storage import Storage
+
+STATE_SCHEMA = pa.schema([
+    ("product_id", pa.string()), ("content_key", pa.string()), ("category", pa.string()),
+    ("catalog_category", pa.string()), ("model_version", pa.string()), ("detect_version", pa.string()),
+    ("objects", pa.int32()), ("image_url", pa.string()), ("file", pa.string()), ("row", pa.int64())])
+KEY = ["product_id", "category"]
+REMOVED_SCHEMA = pa.schema([("product_id", pa.string()), ("category", pa.string())])
+META = "meta.json"
+CONSOLIDATE_FRACTION = 0.5
+
+
+def empty_state() -> pa.Table:
+    return STATE_SCHEMA.empty_table()
+
+
+def folder(line: str, version: str) -> tuple[str, ...]:
+    return ("manifests", line, version)
+
+
+def exists(storage: Storage, line: str, version: str) -> bool:
+    return storage.exists(*folder(line, version), META)
+
+
+def read_meta(storage: Storage, line: str, version: str) -> dict | None:
+    try:
+        return storage.read_json(*folder(line, version), META)
+    except FileNotFoundError:
+        return None
+
+
+def versions(storage: Storage, line: str) -> list[str]:
+    """Committed manifest versions of a line, oldest first."""
+    return [v for v in storage.listdir("manifests", line) if exists(storage, line, v)]
+
+
+def _bucket(product_ids: pa.Array, n: int) -> pa.Array:
+    try:
+        from engine.partition import bucket
+    except ImportError:  # stand-in until engine/partition.py lands (same contract: stable, int32)
+        values = product_ids.to_pylist()
+        return pa.array([zlib.crc32((v or "").encode()) % n for v in values], pa.int32())
+    return bucket(product_ids, n)
+
+
+def _read(storage: Storage, line: str, version: str, name: str, columns, bucket) -> pa.Table:
+    path = storage.path(*folder(line, version), name)
+    table = pq.read_table(path, columns=columns, filesystem=storage.fs)
+    if bucket is not None:
+        i, n = bucket
+        table = table.filter(pc.equal(_bucket(table.column("product_id"), n), i))
+    return table
+
+
+def _drop(state: pa.Table, keys: pa.Table) -> pa.Table:
+    """``state`` without the rows whose (product_id, category) is in ``keys``."""
+    if not keys.num_rows or not state.num_rows:
+        return state
+    keys = keys.select(KEY).group_by(KEY).aggregate([])
+    return state.join(keys, KEY, join_type="left anti", use_threads=False)
+
+
+def apply(state: pa.Table, added: pa.Table, removed: pa.Table) -> pa.Table:
+    """``state`` minus ``removed`` (and minus any row ``added`` replaces) plus ``added``."""
+    gone = pa.concat_tables([removed.select(KEY).cast(REMOVED_SCHEMA), added.select(KEY).cast(REMOVED_SCHEMA)])
+    kept = _drop(state, gone)
+    return pa.concat_tables([kept.select(added.column_names).cast(added.schema), added])
+
+
+def read_state(storage: Storage, model_version: str, index_version: str, bucket: tuple[int, int] | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """A version's full state (base + deltas applied), columnar; ``bucket=(i, n)``: only rows whose
+    ``partition.bucket(product_id, n) == i``; ``columns``: a subset (product_id and category always)."""
+    meta = read_meta(storage, model_version, index_version)
+    if meta is None:
+        raise FileNotFoundError(f"{storage.uri(*folder(model_version, index_version))}: no manifest")
+    cols = None if columns is None else list(dict.fromkeys(KEY + list(columns)))
+    state = None
+    for version in meta["chain"]:
+        added = _read(storage, model_version, version, "added.parquet", cols, bucket)
+        if state is None:
+            state = added
+            continue
+        removed = _read(storage, model_version, version, "removed.parquet", None, bucket)
+        state = apply(state, added, removed)
+    state = state.combine_chunks()
+    return state if columns is not None else state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+
+
+def diff(base: pa.Table, state: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(added, removed) that turn ``base`` into ``state``: rows whose vector location or content
+    differs are removed and added again; nothing else is written."""
+    same = ["product_id", "category", "file", "row", "content_key"]
+    added = state.join(base.select(same), same, join_type="left anti", use_threads=False) if base.num_rows else state
+    kept = base.join(state.select(same), same, join_type="left anti", use_threads=False) if state.num_rows else base
+    added = added.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+    return added, kept.select(KEY).cast(REMOVED_SCHEMA)
+
+
+def pending_state(storage: Storage, model_versions: list[str], since_version: str | None,
+                  current_run: str) -> pa.Table:
+    """Committed feature parts of runs newer than ``since_version`` that never published (a crashed
+    or refused run, for crash-resume); same schema, ``file``/``row`` pointing into those parts.
+
+    Lists only the folders of such runs: garbage collection removes the folders of older ones.
+    """
+    tables = []
+    for mv in dict.fromkeys(model_versions):
+        runs = sorted(n.split("=", 1)[1] for n in storage.listdir("features", mv) if n.startswith("run="))
+        for run_id in runs:
+            if (since_version and run_id <= since_version) or run_id == current_run:
+                continue
+            for category in run_categories(storage, mv, run_id):
+                for path in run_files(storage, mv, run_id, category):
+                    tables.append(_part_state(storage, path, mv))
+    tables = [t for t in tables if t is not None]
+    return pa.concat_tables(tables) if tables else empty_state()
+
+
+def _part_state(storage: Storage, relative: str, model_version: str) -> pa.Table | None:
+    pf = pq.ParquetFile(storage.path(relative), filesystem=storage.fs)
+    names = pf.schema_arrow.names
+    if "content_key" not in names:
+        return None
+    t = pf.read(columns=[c for c in STATE_SCHEMA.names if c in names and c not in ("file", "row")])
+    n = t.num_rows
+    fill = {"catalog_category": lambda: t.column("category"), "model_version": lambda: pa.array([model_version] * n),
+            "detect_version": lambda: pa.array(["whole"] * n), "objects": lambda: pa.array([1] * n, pa.int32()),
+            "image_url": lambda: pa.nulls(n, pa.string())}
+    for name, make in fill.items():
+        if name not in t.column_names:
+            t = t.append_column(name, make())
+    t = t.append_column("file", pa.array([relative] * n, pa.string()))
+    t = t.append_column("row", pa.array(np.arange(n, dtype=np.int64)))
+    return t.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+
+
+def file_catalog(storage: Storage, state: pa.Table, known: dict) -> dict:
+    """file -> {rows, live, bytes} for every file ``state`` uses; ``known``: an earlier catalog
+    (rows and bytes of a file never change), others are read from their parquet footers."""
+    files = state.group_by("file").aggregate([("row", "count")])
+    out = {}
+    for name, live in zip(files.column("file").to_pylist(), files.column("row_count").to_pylist()):
+        entry = known.get(name)
+        if entry is None:
+            info = storage.fs.info(storage.path(name))
+            rows = pq.ParquetFile(storage.path(name), filesystem=storage.fs).metadata.num_rows
+            entry = {"rows": rows, "bytes": int(info["size"])}
+        out[name] = {"rows": entry["rows"], "bytes": entry["bytes"], "live": int(live)}
+    return out
+
+
+def write(storage: Storage, model_version: str, index_version: str, base_version: str | None,
+          added: pa.Table, removed: pa.Table, state: pa.Table | None = None) -> dict:
+    """Commit ``index_version``'s manifest as a delta on ``base_version`` (None: a fresh base).
+
+    ``added``: STATE rows new in this version; ``removed``: (product_id, category) of base rows
+    that leave. ``state``: the resulting full state when the caller has it (saves reading the base).
+    meta.json is written last: a manifest without it does not exist.
+    """
+    added = added.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+    removed = removed.select(KEY).cast(REMOVED_SCHEMA)
+    base = read_meta(storage, model_version, base_version) if base_version else None
+    if state is None:
+        state = read_state(storage, model_version, base_version) if base else empty_state()
+        state = apply(state, added, removed)
+    delta_rows = (base["delta_rows"] if base else 0) + added.num_rows + removed.num_rows
+    fresh = base is None or delta_rows > CONSOLIDATE_FRACTION * max(base["base_rows"], 1)
+    parts = folder(model_version, index_version)
+    storage.makedirs(*parts)
+    if fresh:
+        added = state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+        removed, chain, delta_rows = REMOVED_SCHEMA.empty_table(), [index_version], 0
+    else:
+        chain = base["chain"] + [index_version]
+    _write_table(storage, added, *parts, "added.parquet")
+    _write_table(storage, removed, *parts, "removed.parquet")
+    counts = state.group_by("category").aggregate([("product_id", "count")])
+    meta = {"version": index_version, "base": base_version, "chain": chain, "rows": state.num_rows,
+            "base_rows": state.num_rows if fresh else base["base_rows"], "delta_rows": delta_rows,
+            "added": added.num_rows if not fresh else 0, "removed": removed.num_rows,
+            "categories": dict(sorted(zip(counts.column("category").to_pylist(),
+                                          counts.column("product_id_count").to_pylist()))),
+            "files": file_catalog(storage, state, base["files"] if base else {})}
+    storage.write_json(meta, *parts, META)
+    return meta
+
+
+def _write_table(storage: Storage, table: pa.Table, *parts: str) -> None:
+    target = storage.path(*parts)
+    if not storage.is_local:
+        pq.write_table(table, target, filesystem=storage.fs)
+        return
+    tmp = f"{target}.tmp"
+    pq.write_table(table, tmp, filesystem=storage.fs)
+    storage.fs.mv(tmp, target)
+
+
+def categories(storage: Storage, model_version: str, version: str) -> list[str]:
+    return sorted(read_meta(storage, model_version, version)["categories"])
+
+
+def read_category(storage: Storage, model_version: str, version: str, category: str,
+                  columns=("product_id", "vector")) -> pa.Table:
+    """A category's stored columns (vectors included) for a version, read by file and row."""
+    state = read_state(storage, model_version, version, columns=["file", "row"])
+    state = state.filter(pc.equal(state.column("category"), category)).sort_by([("file", "ascending"),
+                                                                               ("row", "ascending")])
+    parts = []
+    for file in pc.unique(state.column("file")).to_pylist():
+        rows = state.filter(pc.equal(state.column("file"), file)).column("row")
+        parts.append(pq.read_table(storage.path(file), columns=list(columns), filesystem=storage.fs).take(rows))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in columns})
