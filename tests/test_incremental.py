@@ -107,8 +107,8 @@ def test_one_percent_change_processes_exactly_the_changed_rows(first_run):
 def test_duplicate_product_ids_are_reported_not_collapsed(first_run, tmp_path):
     out, rows, cfg, _ = first_run
     dup = dict(rows[5], image_url=rows[6]["image_url"])
-    path = write_catalog(rows + [dup], tmp_path / "dups.parquet")
-    rep = pipeline.run(make_config(path, tmp_path / "store"))
+    path = write_catalog(rows + [dup], tmp_path / "dups.parquet")  # images stay beside the first catalog
+    rep = pipeline.run(make_config(path, tmp_path / "store", f"download.file_roots=[{out}]"))
     assert rep["counts"]["duplicates"] == 1 and rep["counts"]["indexed"] == PRODUCTS
     rejects = pq.read_table(rep["rejects_uri"]).to_pylist()
     assert [(r["product_id"], r["reason"]) for r in rejects] == [(rows[5]["product_id"], "duplicate_product_id")]

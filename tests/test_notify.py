@@ -182,7 +182,8 @@ def test_failing_run_says_stage_error_and_where_the_logs_are(ray_cluster, slack,
     pcsv.write_csv(pa.Table.from_pylist(rows), catalog)
     monkeypatch.setenv(WEBHOOK_ENV, f"{slack.url}/hooks/T000/B000/XXXX")
     cfg = make_config(str(catalog), tmp_path / "store", f"notify.slack_webhook_env={WEBHOOK_ENV}",
-                      "notify.environment=prod", "notify.logs_url=https://logs.example.test/q?run={run_id}")
+                      "notify.environment=prod", "notify.logs_url=https://logs.example.test/q?run={run_id}",
+                      "download.user_agent=lookalike-test (+https://lookalike.example.test/contact)")
     with pytest.raises(pipeline.RunFailed) as failed:
         pipeline.run(cfg)
     rep = failed.value.report
