@@ -98,21 +98,26 @@ class StateSources:
                                for run_id in features.runs(storage, mv) if run_id > since and run_id != current_run))
         return cls(storage, line, published, orphans, rows)
 
-    def read(self, i: int, n: int) -> pa.Table:
-        """STATE_SCHEMA rows of bucket ``i`` of ``n``, plus ``source`` (int32), in source order."""
-        parts = []
+    def parts(self) -> list[tuple]:
+        """Pieces of the state that one task each reads: the manifest's row groups, then each orphan run."""
+        out = []
         if self.published:
             f = pq.ParquetFile(self.storage.path(*features.manifest_path(self.line, self.published)),
                                filesystem=self.storage.fs)
+            out += [("published", g) for g in range(f.metadata.num_row_groups)]
+        return out + [("pending", source, run_id, mv) for source, (run_id, mv) in enumerate(self.orphans, 1)]
+
+    def read_part(self, part: tuple):
+        """STATE_SCHEMA tables (+ int32 ``source``) of one part, in bounded batches."""
+        if part[0] == "published":
+            f = pq.ParquetFile(self.storage.path(*features.manifest_path(self.line, self.published)),
+                               filesystem=self.storage.fs)
             names = [c for c in STATE_COLUMNS if c in f.schema_arrow.names]
-            for batch in f.iter_batches(batch_size=65536, columns=names):
-                t = pa.Table.from_batches([batch])
-                t = t.filter(pc.equal(partition.bucket(t.column("product_id"), n), i))
-                parts.append(_state(features._complete(t, self.line), 0))
-        for source, (run_id, mv) in enumerate(self.orphans, 1):
-            t = features.read_run_keys(self.storage, mv, run_id)
-            parts.append(_state(t.filter(pc.equal(partition.bucket(t.column("product_id"), n), i)), source))
-        return pa.concat_tables(parts) if parts else _state(empty_state(), 0)
+            for batch in f.iter_batches(batch_size=65536, row_groups=[part[1]], columns=names):
+                yield _state(features._complete(pa.Table.from_batches([batch]), self.line), 0)
+        else:
+            _, source, run_id, mv = part
+            yield _state(features.read_run_keys(self.storage, mv, run_id), source)
 
 
 def _state(t: pa.Table, source: int) -> pa.Table:
@@ -162,7 +167,9 @@ class Plan:
 
 
 def buckets_for(rows: int, bucket_rows: int) -> int:
-    return max(1, math.ceil(rows / bucket_rows))
+    """A power of two, so that a store partitioned by ``bucket(id, 2**k)`` serves any smaller count:
+    ``bucket(id, n) == bucket(id, 2**k) % n``."""
+    return 1 << max(0, math.ceil(math.log2(max(1.0, rows / bucket_rows))))
 
 
 def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Plan:
@@ -180,10 +187,18 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
         rss.append(out[0])
         for i in range(n):
             pieces[i].append(out[i + 1])
-    split_rss = max(ray.get(rss), default=0.0)
     del catalog
+    split_state = ray.remote(_split_state).options(num_returns=n + 1, num_cpus=1)
+    state: list[list] = [[] for _ in range(n)]
+    for part in sources.parts():
+        out = split_state.remote(sources, part, n)
+        rss.append(out[0])
+        for i in range(n):
+            state[i].append(out[i + 1])
+    split_rss = max(ray.get(rss), default=0.0)
     task = ray.remote(_plan_bucket).options(num_returns=6, num_cpus=1)
-    outs = [task.remote(sources, settings, i, n, *pieces[i]) for i in range(n)]
+    outs = [task.remote(settings, len(pieces[i]), *pieces[i], *state[i]) for i in range(n)]
+    del state
     del pieces
     summaries = ray.get([o[0] for o in outs])
     counts: dict = {}
@@ -207,110 +222,133 @@ def _split(block: pa.Table, seq: int, n: int) -> tuple:
     block = normalise(block)
     block = block.append_column("content_key", content_keys(block))
     block = block.append_column("row", pa.array((seq << 32) + np.arange(block.num_rows, dtype=np.int64)))
-    b = partition.bucket(block.column("product_id"), n).to_numpy()
-    order = np.argsort(b, kind="stable")
-    block = block.take(pa.array(order))
+    return (peak_rss_mb(), *_by_bucket(block, n))
+
+
+def _split_state(sources: StateSources, part: tuple, n: int) -> tuple:
+    """Ray task: one part of the state -> its rows by bucket."""
+    out: list[list] = [[] for _ in range(n)]
+    for t in sources.read_part(part):
+        for i, piece in enumerate(_by_bucket(t, n)):
+            if piece.num_rows:
+                out[i].append(piece)
+    empty = _state(empty_state(), 0)
+    return (peak_rss_mb(), *(pa.concat_tables(p) if p else empty for p in out))
+
+
+def _by_bucket(table: pa.Table, n: int) -> list[pa.Table]:
+    """``table``'s rows by ``partition.bucket(product_id, n)``, each in its original order."""
+    b = partition.bucket(table.column("product_id"), n).to_numpy()
+    table = table.take(pa.array(np.argsort(b, kind="stable")))
     ends = np.cumsum(np.bincount(b, minlength=n))
-    starts = ends - np.bincount(b, minlength=n)
-    return (peak_rss_mb(), *(block.slice(int(s), int(e - s)) for s, e in zip(starts, ends)))
+    return [table.slice(int(e - c), int(c)) for e, c in zip(ends, np.bincount(b, minlength=n))]
 
 
-def _plan_bucket(sources: StateSources, settings: Settings, i: int, n: int, *pieces: pa.Table) -> tuple:
-    """Ray task: one bucket's catalog rows joined with its state.
+def _plan_bucket(settings: Settings, n_catalog: int, *pieces: pa.Table) -> tuple:
+    """Ray task: one bucket's catalog rows (the first ``n_catalog`` pieces) joined with its state
+    (the other pieces, in source order).
 
-    Returns (summary, work, rejects, kept, removed, base_changed); see ``Plan``."""
-    pieces = [p for p in pieces if p.num_rows] or list(pieces[:1])
-    cat = pa.concat_tables(pieces, promote_options="default") if pieces else None
-    state = sources.read(i, n)
-    if cat is None or cat.num_rows == 0:
-        cat = pa.table({"product_id": pa.array([], pa.string()), "image_url": pa.array([], pa.string()),
-                        "category": pa.array([], pa.string()), "content_key": pa.array([], pa.string()),
-                        "row": pa.array([], pa.int64())})
+    Joins are positions, not Acero hash joins: ``index_in`` of the state's product_ids in the
+    catalog's gives each state row its catalog row, and per-product facts are numpy reductions
+    over those positions. Returns (summary, work, rejects, kept, removed, base_changed); see ``Plan``.
+    """
+    cats = [p for p in pieces[:n_catalog] if p.num_rows]
+    cat = pa.concat_tables(cats, promote_options="default").combine_chunks() if cats else _EMPTY_CATALOG
+    states = [p for p in pieces[n_catalog:] if p.num_rows]
+    del pieces, cats
     firsts, rejects = _dedupe(cat)
-    state = _resolve(state)
-    joined = _join(state, firsts, settings)
-    reuse_ids = _reusable(joined, settings)
-    stored_ids = pc.unique(joined.column("product_id"))
-    pid = firsts.column("product_id")
-    is_reuse = pc.fill_null(pc.is_in(pid, value_set=_arr(reuse_ids)), False)
-    is_stored = pc.fill_null(pc.is_in(pid, value_set=_arr(stored_ids)), False)
-    action = pc.if_else(is_reuse, REUSE, pc.if_else(is_stored, NEW if settings.full else CHANGED, NEW))
-    work = _work(firsts.filter(pc.invert(is_reuse)), action.filter(pc.invert(is_reuse)))
-    kept = joined.filter(pc.is_in(joined.column("product_id"), value_set=_arr(reuse_ids)))
-    kept = kept.select(KEPT_SCHEMA.names).cast(KEPT_SCHEMA)
-    base = state.filter(pc.equal(state.column("source"), 0))
-    from_base = pc.unique(kept.filter(pc.equal(kept.column("source"), 0)).column("product_id"))
-    removed = base.filter(pc.invert(pc.is_in(base.column("product_id"), value_set=_arr(from_base))))
-    removed = removed.select(REMOVED_SCHEMA.names).cast(REMOVED_SCHEMA)
-    base_ids = pc.unique(base.column("product_id"))
-    gone = pc.sum(pc.invert(pc.is_in(base_ids, value_set=_arr(cat.column("product_id"))))).as_py() or 0
-    base_changed = pa.table({"product_id": pc.filter(base_ids, pc.is_in(base_ids, value_set=_arr(work.column("product_id"))))})
-    cats = pc.value_counts(kept.column("category")) if kept.num_rows else []
+    raw = pa.concat_tables(states) if states else _state(empty_state(), 0)
+    del states
+    state = _resolve(raw)
+    pos = _positions(state.column("product_id"), firsts.column("product_id"))  # -1: not in the catalog
+    reuse = _reusable(state, firsts, pos, settings)  # per catalog first row
+    present = pos >= 0
+    stored = np.bincount(pos[present], minlength=firsts.num_rows) > 0
+    action = np.where(reuse, REUSE, np.where(stored, NEW if settings.full else CHANGED, NEW))
+    work = _work(firsts.filter(pa.array(~reuse)), pa.array(action[~reuse], pa.string()))
+    keep = present.copy()
+    keep[present] = reuse[pos[present]]
+    kept = _kept(state.filter(pa.array(keep)), firsts, pos[keep])
+    n_state = state.num_rows
+    del state
+    base = raw.filter(pc.equal(raw.column("source"), 0))
+    del raw
+    at = _positions(base.column("product_id"), firsts.column("product_id"))
+    from_base = kept.filter(pc.equal(kept.column("source"), 0)).column("product_id")
+    stays = pc.is_in(base.column("product_id"), value_set=_arr(from_base)).to_numpy(zero_copy_only=False)
+    removed = base.filter(pa.array(~stays)).select(REMOVED_SCHEMA.names).cast(REMOVED_SCHEMA)
+    gone = pc.count_distinct(base.column("product_id").filter(pa.array(at < 0))).as_py()
+    is_work = at >= 0
+    is_work[is_work] = ~reuse[at[is_work]]
+    base_changed = pa.table({"product_id": pc.unique(base.column("product_id").filter(pa.array(is_work)))})
+    per_category = pc.value_counts(kept.column("category")).to_pylist() if kept.num_rows else []
     summary = {"counts": {"rows_in": cat.num_rows, "duplicates": rejects.num_rows,
-                          "new": _count(action, NEW), "changed": _count(action, CHANGED),
-                          "unchanged_reused": _count(action, REUSE), "work": work.num_rows,
-                          "kept_objects": kept.num_rows, "gone": gone, "state_rows": state.num_rows},
-               "categories": {c["values"].as_py(): c["counts"].as_py() for c in cats},
-               "peak_rss_mb": peak_rss_mb()}
+                          "new": int((action == NEW).sum()), "changed": int((action == CHANGED).sum()),
+                          "unchanged_reused": int(reuse.sum()), "work": work.num_rows,
+                          "kept_objects": kept.num_rows, "gone": gone, "state_rows": n_state},
+               "categories": {c["values"]: c["counts"] for c in per_category}, "peak_rss_mb": peak_rss_mb()}
     return summary, work, rejects, kept, removed, base_changed
+
+
+_EMPTY_CATALOG = pa.table({"product_id": pa.array([], pa.string()), "image_url": pa.array([], pa.string()),
+                           "category": pa.array([], pa.string()), "content_key": pa.array([], pa.string()),
+                           "row": pa.array([], pa.int64())})
 
 
 def _arr(values) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
-def _count(array: pa.Array, value: str) -> int:
-    return pc.sum(pc.equal(array, value)).as_py() or 0
+def _positions(values, value_set) -> np.ndarray:
+    """Index of each value's first occurrence in ``value_set`` (-1: absent or null), int64."""
+    found = pc.index_in(_arr(values), value_set=_arr(value_set), skip_nulls=True)
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _dedupe(cat: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(first row of each product_id, REJECT_SCHEMA rows of the later ones). Null ids are never duplicates."""
-    idx = pa.array(np.arange(cat.num_rows, dtype=np.int64))
-    keys = pa.table({"product_id": cat.column("product_id"), "row": cat.column("row"), "i": idx})
-    firsts = keys.filter(pc.is_valid(keys.column("product_id"))).group_by("product_id").aggregate([("row", "min")])
-    tagged = keys.join(firsts, "product_id", join_type="left outer")
-    first = pc.or_kleene(pc.is_null(tagged.column("row_min")), pc.equal(tagged.column("row"), tagged.column("row_min")))
-    first = pc.fill_null(first, True)
-    keep = pc.sort_indices(tagged.filter(first).column("i"))
-    firsts_idx = pc.take(tagged.filter(first).column("i"), keep)
-    later = tagged.filter(pc.invert(first))
-    out = cat.take(firsts_idx)
-    if later.num_rows == 0:
-        return out, REJECT_SCHEMA.empty_table()
-    dups = cat.take(later.column("i")).select(["product_id", "image_url", "category"])
-    kept_url = out.select(["product_id", "image_url"]).rename_columns(["product_id", "kept_url"])
-    dups = dups.join(kept_url, "product_id", join_type="left outer")
+    """(first row of each product_id in row order, REJECT_SCHEMA rows of the later ones).
+    Null ids are never duplicates."""
+    rows = cat.column("row").to_numpy()
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        cat = cat.take(pa.array(np.argsort(rows, kind="stable")))
+    pid = cat.column("product_id")
+    first_at = _positions(pid, pid)
+    later = (first_at >= 0) & (first_at != np.arange(cat.num_rows))
+    if not later.any():
+        return cat, REJECT_SCHEMA.empty_table()
+    dups = cat.filter(pa.array(later))
+    kept_url = pc.take(cat.column("image_url"), pa.array(first_at[later]))
     detail = pc.binary_join_element_wise("product_id seen earlier in this catalog (kept ",
-                                         pc.fill_null(dups.column("kept_url"), ""), ")", "")
+                                         pc.fill_null(kept_url, ""), ")", "")
     rejects = pa.table({"product_id": dups.column("product_id"), "image_url": dups.column("image_url"),
                         "category": dups.column("category"),
                         "reason": pa.array(["duplicate_product_id"] * dups.num_rows, pa.string()),
                         "detail": detail}, schema=REJECT_SCHEMA)
-    return out, rejects
+    return cat.filter(pa.array(~later)), rejects
 
 
 def _resolve(state: pa.Table) -> pa.Table:
     """Per product, the objects of its latest source, each category once (first stored wins)."""
     if state.num_rows == 0:
         return state
-    state = state.append_column("i", pa.array(np.arange(state.num_rows, dtype=np.int64)))
-    latest = state.group_by("product_id").aggregate([("source", "max")])
-    state = state.join(latest, "product_id").filter(
-        pc.equal(pc.field("source"), pc.field("source_max"))).drop_columns(["source_max"])
-    once = state.group_by(["product_id", "category"]).aggregate([("i", "min")])
-    state = state.join(once, ["product_id", "category"]).filter(pc.equal(pc.field("i"), pc.field("i_min")))
-    return state.sort_by("i").drop_columns(["i", "i_min"])
+    state = state.combine_chunks()
+    pid = state.column("product_id")
+    group = _positions(pid, pc.unique(pid))
+    source = state.column("source").to_numpy()
+    if source.max() > 0:
+        latest = np.zeros(group.max() + 1, np.int32)
+        np.maximum.at(latest, group, source)
+        keep = source == latest[group]
+        state, group = state.filter(pa.array(keep)), group[keep]
+    category = _positions(state.column("category"), pc.unique(state.column("category")))
+    key = group * (category.max() + 2) + category + 1
+    _, first = np.unique(key, return_index=True)
+    if len(first) == state.num_rows:
+        return state
+    return state.take(pa.array(np.sort(first)))
 
 
-def _join(state: pa.Table, firsts: pa.Table, settings: Settings) -> pa.Table:
-    """State rows of products in the catalog, next to the catalog's key, category and URL."""
-    cat = firsts.select(["product_id", "content_key", "category", "image_url"]).filter(
-        pc.is_valid(firsts.column("product_id"))).rename_columns(["product_id", "c_key", "c_cat", "image_url"])
-    joined = state.join(cat, "product_id", join_type="inner")
-    return joined.combine_chunks() if joined.num_rows else joined
-
-
-def _expected_version(category: pa.ChunkedArray, settings: Settings) -> pa.Array:
+def _expected_version(category, settings: Settings) -> pa.Array:
     if not settings.versions:
         return pa.array([settings.default_version] * len(category), pa.string())
     names = pa.array(list(settings.versions), pa.string())
@@ -318,25 +356,35 @@ def _expected_version(category: pa.ChunkedArray, settings: Settings) -> pa.Array
     return pc.fill_null(picked, settings.default_version)
 
 
-def _reusable(joined: pa.Table, settings: Settings) -> pa.Array:
-    """product_ids whose stored objects are all current: same key, category, detector and model,
-    as many as the product was stored with, its own category among them."""
-    if settings.full or joined.num_rows == 0:
-        return pa.array([], pa.string())
-    ok = pc.and_kleene(pc.and_kleene(pc.equal(joined.column("content_key"), joined.column("c_key")),
-                                     pc.equal(joined.column("catalog_category"), joined.column("c_cat"))),
-                       pc.and_kleene(pc.equal(joined.column("detect_version"), settings.detect_version),
-                                     pc.equal(joined.column("model_version"),
-                                              _expected_version(joined.column("category"), settings))))
-    flags = pa.table({"product_id": joined.column("product_id"), "objects": joined.column("objects"),
-                      "ok": pc.fill_null(ok, False),
-                      "own": pc.fill_null(pc.equal(joined.column("category"), joined.column("c_cat")), False)})
-    agg = flags.group_by("product_id").aggregate([("ok", "all"), ("own", "any"), ("objects", "min"),
-                                                  ("objects", "max"), ("product_id", "count")])
-    good = pc.and_(pc.and_(agg.column("ok_all"), agg.column("own_any")),
-                   pc.and_(pc.equal(agg.column("objects_min"), agg.column("objects_max")),
-                           pc.equal(agg.column("objects_min").cast(pa.int64()), agg.column("product_id_count"))))
-    return agg.column("product_id").filter(pc.fill_null(good, False))
+def _reusable(state: pa.Table, firsts: pa.Table, pos: np.ndarray, settings: Settings) -> np.ndarray:
+    """Per catalog row: every stored object of its product is current (same key, category,
+    detector and model), as many as the product was stored with, its own category among them."""
+    n = firsts.num_rows
+    present = pos >= 0
+    if settings.full or not present.any():
+        return np.zeros(n, bool)
+    s = state.filter(pa.array(present))
+    at = pa.array(pos[present])
+    ok = pc.and_kleene(pc.and_kleene(pc.equal(s.column("content_key"), pc.take(firsts.column("content_key"), at)),
+                                     pc.equal(s.column("catalog_category"), pc.take(firsts.column("category"), at))),
+                       pc.and_kleene(pc.equal(s.column("detect_version"), settings.detect_version),
+                                     pc.equal(s.column("model_version"),
+                                              _expected_version(s.column("category"), settings))))
+    ok = pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+    own = pc.fill_null(pc.equal(s.column("category"), pc.take(firsts.column("category"), at)),
+                       False).to_numpy(zero_copy_only=False)
+    p = pos[present]
+    count = np.bincount(p, minlength=n)
+    objects = pc.fill_null(s.column("objects"), -1).to_numpy(zero_copy_only=False)
+    bad = np.bincount(p, weights=(~ok) | (objects != count[p]), minlength=n)
+    return (count > 0) & (bad == 0) & (np.bincount(p, weights=own, minlength=n) > 0)
+
+
+def _kept(state: pa.Table, firsts: pa.Table, pos: np.ndarray) -> pa.Table:
+    """KEPT_SCHEMA rows of reused objects (the URL is the catalog's)."""
+    cols = {name: state.column(name) for name in KEPT_SCHEMA.names if name != "image_url"}
+    cols["image_url"] = pc.take(firsts.column("image_url"), pa.array(pos))
+    return pa.table(cols).select(KEPT_SCHEMA.names).cast(KEPT_SCHEMA)
 
 
 def _work(rows: pa.Table, action: pa.Array) -> pa.Table:

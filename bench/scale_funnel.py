@@ -1,0 +1,232 @@
+"""Part "funnel" of bench/scale.py: the real plan and bookkeeping of a daily run at 300k and 3M rows.
+
+    python bench/scale_funnel.py [--sizes 300000,3000000]
+
+A synthetic catalog (ids, URLs, categories, updated_at -> content keys) and a published previous
+state where 97% of rows are unchanged (1% changed image, 1% new, 1% removed) go through
+pipeline.make_plan (hash buckets, columnar join) and pipeline._consume (counts, rejects.parquet,
+this run's manifest rows). Skipped: downloads, detection, embedding and the feature write (a
+stand-in Ray Data stage marks every work row ok), and everything after the stream (manifest,
+index, validation, publish). Each size runs in its own driver process on its own local Ray
+cluster; the driver's peak RSS is its getrusage maximum, the workers' the largest RSS sampled
+(every 0.1 s, /proc VmHWM) over the cluster's worker processes, or reported by a plan task itself.
+Prints one JSON line per size and a last {"bench": "scale_funnel", ...} line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+CHUNK = 100_000  # rows generated and written at a time (one catalog file, one manifest row group)
+CATEGORIES = ("tops", "bottoms", "shoes", "bags")
+BASE_RUN = "20260101T000000Z-base00"
+SKIPPED = ["download", "detect", "embed", "feature write (stand-in marks work rows ok)",
+           "manifest write, index, validate, publish"]
+
+
+def generate(rows: int, out: Path) -> None:
+    """Catalog files and the published state, a chunk at a time (this process stays small)."""
+    from engine import config, features, plan
+
+    cfg = config.load(None, [f"source.path={out / 'catalog'}", f"storage.root={out / 'store'}"])
+    mv, dv = cfg.embed.model_version, cfg.detect.signature()
+    (out / "catalog").mkdir(parents=True)
+    path = out / "store" / Path(*features.manifest_path(mv, BASE_RUN))
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(path, features.MANIFEST_SCHEMA) as manifest:
+        for start in range(0, rows, CHUNK):
+            ids = np.arange(start, min(rows, start + CHUNK))
+            fate = rng.random(len(ids))  # < .01 changed image, < .02 new product, < .03 removed product
+            pids = [f"p{i:09d}" for i in ids]
+            urls = [f"http://127.0.0.1:9/img/{i}.jpg" for i in ids]
+            cats = [CATEGORIES[i % 4] for i in ids]
+            stamps = ["2026-11-30T00:00:00Z"] * len(ids)
+            keys = [plan.content_key(u, s) for u, s in zip(urls, stamps)]
+            old = [f"old-{k}" if f < 0.01 else k for k, f in zip(keys, fate)]
+            in_catalog, in_state = (fate < 0.02) | (fate >= 0.03), (fate < 0.01) | (fate >= 0.02)
+            take = np.flatnonzero(in_catalog)
+            pq.write_table(pa.table({"product_id": [pids[i] for i in take], "image_url": [urls[i] for i in take],
+                                     "category": [cats[i] for i in take], "updated_at": [stamps[i] for i in take]}),
+                           out / "catalog" / f"part-{start // CHUNK:05d}.parquet")
+            state = np.flatnonzero(in_state)
+            n = len(state)
+            manifest.write_table(pa.table({
+                "product_id": [pids[i] for i in state], "image_url": [urls[i] for i in state],
+                "category": [cats[i] for i in state], "catalog_category": [cats[i] for i in state],
+                "content_key": [old[i] for i in state], "source_run": [BASE_RUN] * n, "model_version": [mv] * n,
+                "detect_version": [dv] * n, "objects": pa.array(np.ones(n, np.int32))}, schema=features.MANIFEST_SCHEMA))
+    pointer = out / "store" / "indexes" / mv / "LATEST"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(BASE_RUN + "\n")
+
+
+class WorkerSampler(threading.Thread):
+    """Memory of this driver's Ray worker processes ("ray::..." titles), read from /proc every
+    ``every_s``: ``peak``, the largest VmHWM (peak RSS, including object-store pages the worker
+    mapped: shared, spillable, counted once per worker that touches them) and ``private``, the
+    largest sampled RssAnon + RssFile (the worker's own memory)."""
+
+    def __init__(self, every_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.private, self.stop = every_s, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in _descendants(os.getpid()):
+                try:
+                    if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                        continue
+                    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                                  if ":" in line)
+                    kib = {k: int(status[k].split()[0]) for k in ("VmHWM", "RssAnon", "RssFile") if k in status}
+                    self.peak = max(self.peak, kib.get("VmHWM", 0) * 1024)
+                    self.private = max(self.private, (kib.get("RssAnon", 0) + kib.get("RssFile", 0)) * 1024)
+                except OSError:
+                    pass
+            self.stop.wait(self.every)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _stand_in(batch: pa.Table) -> pa.Table:
+    """Download, detect, embed and write skipped: every work row comes back ok."""
+    n = batch.num_rows
+    for name, value in (("status", "ok"), ("reason", None), ("detail", None)):
+        batch = batch.append_column(name, pa.array([value] * n, pa.string()))
+    return batch
+
+
+def measure(rows: int, out: Path) -> dict:
+    """In a fresh driver: the real plan and bookkeeping over the generated data."""
+    import ray
+
+    from engine import config, pipeline, raycluster
+    from engine.report import Report
+    from engine.storage import Storage
+
+    cfg = config.load(None, [f"source.path={out / 'catalog'}", f"storage.root={out / 'store'}"])
+    storage = Storage.from_config(cfg.storage)
+    raycluster.connect(cfg.ray)
+    sampler = WorkerSampler()
+    sampler.start()
+    run_id = pipeline.new_run_id()
+    report = Report(run_id, cfg.embed.model_version, storage)
+    t = time.monotonic()
+    detect_version = cfg.detect.signature()
+    change = pipeline.make_plan(cfg, storage, run_id, detect_version)
+    plan_s = time.monotonic() - t
+    pipeline.start_counts(report, change)
+    t = time.monotonic()
+    ds = None
+    if change.work:
+        ds = ray.data.from_arrow_refs(change.work).map_batches(_stand_in, batch_format="pyarrow")
+    added, again = pipeline._consume(ds, report, storage, run_id, cfg, detect_version, change)
+    counts = report.data["counts"]
+    counts["removed"] = pipeline._removed(change, again)
+    categories = pipeline._categories(change, added)
+    removed_rows = sum(t.num_rows for t in ray.get(change.removed))
+    book_s = time.monotonic() - t
+    sampler.stop.set()
+    sampler.join()
+    worker = max(sampler.peak / 2**20, *change.peak_rss_mb.values())
+    from engine.plan import peak_rss_mb
+
+    return {"bench": "scale_funnel_size", "rows": rows, "buckets": change.buckets, "plan_s": round(plan_s, 2),
+            "bookkeeping_s": round(book_s, 2), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+            "max_worker_peak_rss_mb": round(worker, 1),
+            "max_worker_private_rss_mb": round(sampler.private / 2**20, 1),
+            "worker_peak_reported_mb": {k: round(v, 1) for k, v in change.peak_rss_mb.items()},
+            "counts": counts, "added_rows": added.num_rows, "manifest_removed_rows": removed_rows,
+            "categories": categories}
+
+
+def _child(mode: str, rows: int, out: Path) -> dict | None:
+    env = {**os.environ}
+    from engine import raycluster
+
+    env.update(raycluster.loopback_env())
+    proc = subprocess.run([sys.executable, __file__, f"--{mode}", str(rows), str(out)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} {rows}: {proc.stderr[-3000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def funnel(sizes: tuple[int, ...] = (300_000, 3_000_000), workdir: str | None = None) -> dict:
+    """The part's fields (see the module docstring); also prints each size's JSON line."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="lookalike-funnel-", dir=workdir) as tmp:
+        for rows in sizes:
+            out = Path(tmp) / str(rows)
+            t = time.monotonic()
+            _child("generate", rows, out)
+            gen_s = time.monotonic() - t
+            res = _child("measure", rows, out)
+            res["generate_s"] = round(gen_s, 1)
+            print(json.dumps(res), flush=True)
+            results[rows] = res
+    lo, hi = min(sizes), max(sizes)
+    peak = {n: max(r["driver_peak_rss_mb"], r["max_worker_peak_rss_mb"]) for n, r in results.items()}
+    slope = (peak[hi] - peak[lo]) * 2**20 / (hi - lo) if hi > lo else None
+    own = {n: max(r["driver_peak_rss_mb"], r["max_worker_private_rss_mb"]) for n, r in results.items()}
+    own_slope = (own[hi] - own[lo]) * 2**20 / (hi - lo) if hi > lo else None
+    tag = "3m" if hi == 3_000_000 else str(hi)
+    return {"bench": "scale_funnel", "sizes": list(sizes), f"plan_s_{tag}": results[hi]["plan_s"],
+            f"bookkeeping_s_{tag}": results[hi]["bookkeeping_s"],
+            f"driver_peak_rss_mb_{tag}": results[hi]["driver_peak_rss_mb"],
+            f"max_worker_peak_rss_mb_{tag}": results[hi]["max_worker_peak_rss_mb"],
+            f"max_worker_private_rss_mb_{tag}": results[hi]["max_worker_private_rss_mb"],
+            "bytes_per_row": round(slope, 1) if slope is not None else None,
+            "bytes_per_row_private": round(own_slope, 1) if own_slope is not None else None,
+            "note": "bytes_per_row: slope of max(driver, worker) peak RSS incl. object-store pages a worker "
+                    "mapped; _private: worker RSS without shared object-store pages (sampled)",
+            "targets": {"bytes_per_row": 250, f"driver_peak_rss_mb_{tag}": 2048},
+            "state": "97% unchanged, 1% changed image, 1% new, 1% removed", "skipped": SKIPPED}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="300000,3000000")
+    ap.add_argument("--generate", nargs=2)
+    ap.add_argument("--measure", nargs=2)
+    args = ap.parse_args()
+    if args.generate:
+        generate(int(args.generate[0]), Path(args.generate[1]))
+    elif args.measure:
+        print(json.dumps(measure(int(args.measure[0]), Path(args.measure[1]))))
+    else:
+        print(json.dumps(funnel(tuple(int(s) for s in args.sizes.split(",")))))
+
+
+if __name__ == "__main__":
+    main()
