@@ -41,6 +41,8 @@ STATE_COLUMNS = ["product_id", "content_key", "category", "catalog_category", "s
                  "detect_version", "objects"]
 STATE_SCHEMA = pa.schema([pa.field(c, pa.int32() if c == "objects" else pa.string()) for c in STATE_COLUMNS])
 REJECT_SCHEMA = pa.schema([(c, pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")])
+BLOCK_BYTES = 16 << 20  # catalog blocks the plan reads: read tasks split larger ones
+KEY_ROWS = 65536  # rows whose content keys are made at a time (one Python string each)
 KEPT_SCHEMA = features.MANIFEST_SCHEMA.append(pa.field("source", pa.int32()))
 REMOVED_SCHEMA = pa.schema([("product_id", pa.string()), ("category", pa.string())])
 
@@ -60,6 +62,12 @@ def content_keys(batch: pa.Table) -> pa.Array:
     stamps = batch.column("updated_at").cast(pa.string()).to_pylist() if "updated_at" in batch.column_names \
         else [None] * len(urls)
     return pa.array([content_key(u, s) for u, s in zip(urls, stamps)], pa.string())
+
+
+def _fresh() -> None:
+    """Hand memory freed by earlier tasks of this worker back to the OS: a long-lived worker's
+    allocator otherwise keeps every task's high-water mark, and its RSS grows with the run."""
+    pa.default_memory_pool().release_unused()
 
 
 def peak_rss_mb() -> float:
@@ -177,6 +185,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
     import ray
 
     ds.context.execution_options.preserve_order = True  # catalog order decides which duplicate wins
+    ds.context.target_max_block_size = BLOCK_BYTES  # a task's memory follows its block, not the catalog
     catalog = ds.materialize()
     n = buckets_for(max(catalog.count(), sources.rows), bucket_rows)
     split = ray.remote(_split).options(num_returns=n + 1, num_cpus=1)
@@ -219,14 +228,17 @@ def _split(block: pa.Table, seq: int, n: int) -> tuple:
     """Ray task: one catalog block -> its rows by bucket, with content_key and row order."""
     from engine.catalog import normalise
 
+    _fresh()
     block = normalise(block)
-    block = block.append_column("content_key", content_keys(block))
+    keys = [content_keys(block.slice(at, KEY_ROWS)) for at in range(0, block.num_rows, KEY_ROWS)]
+    block = block.append_column("content_key", pa.chunked_array(keys, pa.string()))
     block = block.append_column("row", pa.array((seq << 32) + np.arange(block.num_rows, dtype=np.int64)))
     return (peak_rss_mb(), *_by_bucket(block, n))
 
 
 def _split_state(sources: StateSources, part: tuple, n: int) -> tuple:
     """Ray task: one part of the state -> its rows by bucket."""
+    _fresh()
     out: list[list] = [[] for _ in range(n)]
     for t in sources.read_part(part):
         for i, piece in enumerate(_by_bucket(t, n)):
@@ -252,6 +264,7 @@ def _plan_bucket(settings: Settings, n_catalog: int, *pieces: pa.Table) -> tuple
     catalog's gives each state row its catalog row, and per-product facts are numpy reductions
     over those positions. Returns (summary, work, rejects, kept, removed, base_changed); see ``Plan``.
     """
+    _fresh()
     cats = [p for p in pieces[:n_catalog] if p.num_rows]
     cat = pa.concat_tables(cats, promote_options="default").combine_chunks() if cats else _EMPTY_CATALOG
     states = [p for p in pieces[n_catalog:] if p.num_rows]
