@@ -248,7 +248,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             start_counts(report, change)
             report.data["known_features"] = change.counts.get("state_rows", 0)
             report.data["plan"] = {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
-                                   "peak_rss_mb": change.peak_rss_mb}
+                                   "peak_rss_mb": change.peak_rss_mb, "seconds": change.seconds}
         work = change.counts.get("work", 0)
         if work:
             with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:

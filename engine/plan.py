@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import math
 import resource
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -172,6 +173,7 @@ class Plan:
     removed: list       # refs: REMOVED_SCHEMA, published rows that leave (changed or gone)
     base_changed: list  # refs: product_id of published products that are work (removed if rejected again)
     peak_rss_mb: dict   # task kind -> largest peak RSS a task of it reported
+    seconds: dict       # read (catalog blocks), split (catalog and state by bucket), join (bucket tasks)
 
 
 def buckets_for(rows: int, bucket_rows: int) -> int:
@@ -186,7 +188,9 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
 
     ds.context.execution_options.preserve_order = True  # catalog order decides which duplicate wins
     ds.context.target_max_block_size = BLOCK_BYTES  # a task's memory follows its block, not the catalog
+    started = time.monotonic()
     catalog = ds.materialize()
+    read_s = time.monotonic() - started
     n = buckets_for(max(catalog.count(), sources.rows), bucket_rows)
     split = ray.remote(_split).options(num_returns=n + 1, num_cpus=1)
     pieces: list[list] = [[] for _ in range(n)]
@@ -205,6 +209,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
         for i in range(n):
             state[i].append(out[i + 1])
     split_rss = max(ray.get(rss), default=0.0)
+    split_s = time.monotonic() - started - read_s
     task = ray.remote(_plan_bucket).options(num_returns=6, num_cpus=1)
     outs = [task.remote(settings, len(pieces[i]), *pieces[i], *state[i]) for i in range(n)]
     del state
@@ -221,7 +226,9 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
                 work=[o[1] for o, s in zip(outs, summaries) if s["counts"]["work"]],
                 rejects=[o[2] for o, s in zip(outs, summaries) if s["counts"]["duplicates"]],
                 kept=[o[3] for o in outs], removed=[o[4] for o in outs], base_changed=[o[5] for o in outs],
-                peak_rss_mb={"split": split_rss, "bucket": max(s["peak_rss_mb"] for s in summaries)})
+                peak_rss_mb={"split": split_rss, "bucket": max(s["peak_rss_mb"] for s in summaries)},
+                seconds={"read": round(read_s, 3), "split": round(split_s, 3),
+                         "join": round(time.monotonic() - started - read_s - split_s, 3)})
 
 
 def _split(block: pa.Table, seq: int, n: int) -> tuple:
