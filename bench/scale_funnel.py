@@ -68,7 +68,8 @@ def generate(rows: int, out: Path) -> None:
                 "product_id": [pids[i] for i in state], "image_url": [urls[i] for i in state],
                 "category": [cats[i] for i in state], "catalog_category": [cats[i] for i in state],
                 "content_key": [old[i] for i in state], "source_run": [BASE_RUN] * n, "model_version": [mv] * n,
-                "detect_version": [dv] * n, "objects": pa.array(np.ones(n, np.int32))}, schema=features.MANIFEST_SCHEMA))
+                "detect_version": [dv] * n, "objects": pa.array(np.ones(n, np.int32))},
+                schema=features.MANIFEST_SCHEMA))
     pointer = out / "store" / "indexes" / mv / "LATEST"
     pointer.parent.mkdir(parents=True)
     pointer.write_text(BASE_RUN + "\n")
