@@ -43,6 +43,9 @@ STATE_COLUMNS = ["product_id", "content_key", "category", "catalog_category", "s
 STATE_SCHEMA = pa.schema([pa.field(c, pa.int32() if c == "objects" else pa.string()) for c in STATE_COLUMNS])
 REJECT_SCHEMA = pa.schema([(c, pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")])
 BLOCK_BYTES = 16 << 20  # catalog blocks the plan reads: read tasks split larger ones
+# A worker maps every object-store page its tasks ever touched: retired after this many plan
+# tasks, no worker's resident memory grows with the catalog.
+TASKS_PER_WORKER = 8
 KEY_ROWS = 65536  # rows whose content keys are made at a time (one Python string each)
 KEPT_SCHEMA = features.MANIFEST_SCHEMA.append(pa.field("source", pa.int32()))
 REMOVED_SCHEMA = pa.schema([("product_id", pa.string()), ("category", pa.string())])
@@ -192,7 +195,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
     catalog = ds.materialize()
     read_s = time.monotonic() - started
     n = buckets_for(max(catalog.count(), sources.rows), bucket_rows)
-    split = ray.remote(_split).options(num_returns=n + 1, num_cpus=1)
+    split = ray.remote(max_calls=TASKS_PER_WORKER)(_split).options(num_returns=n + 1, num_cpus=1)
     pieces: list[list] = [[] for _ in range(n)]
     rss = []
     for seq, ref in enumerate(r for bundle in catalog.iter_internal_ref_bundles() for r in bundle.block_refs):
@@ -201,7 +204,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
         for i in range(n):
             pieces[i].append(out[i + 1])
     del catalog
-    split_state = ray.remote(_split_state).options(num_returns=n + 1, num_cpus=1)
+    split_state = ray.remote(max_calls=TASKS_PER_WORKER)(_split_state).options(num_returns=n + 1, num_cpus=1)
     state: list[list] = [[] for _ in range(n)]
     for part in sources.parts():
         out = split_state.remote(sources, part, n)
@@ -210,7 +213,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
             state[i].append(out[i + 1])
     split_rss = max(ray.get(rss), default=0.0)
     split_s = time.monotonic() - started - read_s
-    task = ray.remote(_plan_bucket).options(num_returns=6, num_cpus=1)
+    task = ray.remote(max_calls=TASKS_PER_WORKER // 4)(_plan_bucket).options(num_returns=6, num_cpus=1)
     outs = [task.remote(settings, len(pieces[i]), *pieces[i], *state[i]) for i in range(n)]
     del state
     del pieces
