@@ -221,8 +221,9 @@ def _change(change: plan.Plan) -> tuple[pa.Table, pa.Table]:
     resumed = [t.filter(pc.greater(t.column("source"), 0)).drop_columns(["source"]) for t in ray.get(change.resumed)]
     resumed = [t for t in resumed if t.num_rows]
     removed = [t for t in ray.get(change.removed) if t.num_rows]
+    none = manifest.REMOVED_SCHEMA.empty_table()
     return (pa.concat_tables(resumed).cast(manifest.STATE_SCHEMA) if resumed else manifest.empty_state(),
-            pa.concat_tables(removed).cast(manifest.REMOVED_SCHEMA) if removed else manifest.REMOVED_SCHEMA.empty_table())
+            pa.concat_tables(removed).cast(manifest.REMOVED_SCHEMA) if removed else none)
 
 
 def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> tuple[str | None, pa.Table]:
