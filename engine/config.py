@@ -380,6 +380,8 @@ class CatalogConfig(_Section):
 class PlanConfig(_Section):
     full: bool = Field(False, description="recompute every row, reusing no stored features (--full)")
     publish_unchanged: bool = Field(True, description="publish a fresh index version even when nothing changed")
+    bucket_rows: int = Field(250_000, ge=1000, description="catalog rows per plan task: the catalog and the stored "
+                                                         "state are split by a hash of product_id into this many rows a part")
 
 
 class Config(_Section):

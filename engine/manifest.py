@@ -129,19 +129,32 @@ def diff(base: pa.Table, state: pa.Table) -> tuple[pa.Table, pa.Table]:
 def pending_state(storage: Storage, model_versions: list[str], since_version: str | None,
                   current_run: str) -> pa.Table:
     """Committed feature parts of runs newer than ``since_version`` that never published (a crashed
-    or refused run, for crash-resume); same schema, ``file``/``row`` pointing into those parts.
+    or refused run, for crash-resume); same schema, ``file``/``row`` pointing into those parts."""
+    tables = [run_state(storage, mv, run_id) for run_id, mv in pending_runs(storage, model_versions, since_version,
+                                                                             current_run)]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else empty_state()
+
+
+def pending_runs(storage: Storage, model_versions: list[str], since_version: str | None,
+                 current_run: str) -> list[tuple[str, str]]:
+    """(run_id, model_version) of the runs ``pending_state`` reads, oldest first.
 
     Lists only the folders of such runs: garbage collection removes the folders of older ones.
     """
-    tables = []
+    out = []
     for mv in dict.fromkeys(model_versions):
-        runs = sorted(n.split("=", 1)[1] for n in storage.listdir("features", mv) if n.startswith("run="))
-        for run_id in runs:
-            if (since_version and run_id <= since_version) or run_id == current_run:
-                continue
-            for category in run_categories(storage, mv, run_id):
-                for path in run_files(storage, mv, run_id, category):
-                    tables.append(_part_state(storage, path, mv))
+        for name in storage.listdir("features", mv):
+            run_id = name.split("=", 1)[1] if name.startswith("run=") else None
+            if run_id and not (since_version and run_id <= since_version) and run_id != current_run:
+                out.append((run_id, mv))
+    return sorted(out)
+
+
+def run_state(storage: Storage, model_version: str, run_id: str) -> pa.Table:
+    """STATE rows of one run's committed feature parts."""
+    tables = [_part_state(storage, path, model_version) for category in run_categories(storage, model_version, run_id)
+              for path in run_files(storage, model_version, run_id, category)]
     tables = [t for t in tables if t is not None]
     return pa.concat_tables(tables) if tables else empty_state()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 import uuid
 
@@ -26,6 +27,7 @@ from engine.storage import Storage
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
 EAGER_SMALL = 2  # lookalike compact merges a category's small files as soon as there are two
+ROWS_PER_MODEL_ACTOR = 512  # below this many rows a second detect/embed actor costs more to start than it saves
 
 
 class RunFailed(RuntimeError):
@@ -70,39 +72,40 @@ def check_reject_ratio(report: dict, ceiling: float) -> None:
                         + ", ".join(f"{k} {v}" for k, v in top) + " (see rejects.parquet)", report)
 
 
-def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known: pa.Table, detect_version: str,
-                  throttle=None):
-    """The streaming plan; nothing runs until it is iterated. ``known``: stored features the plan
-    may reuse; ``detect_version``: ``cfg.detect.signature()``; ``throttle``: the run's
-    download.Throttle actor (the global request rate)."""
+def pool(configured: int, rows: int, per_actor: int) -> int:
+    """Actors worth starting for ``rows`` rows: a handful of rows does not start a whole pool."""
+    return max(1, min(configured, math.ceil(rows / per_actor)))
+
+
+def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work: list, rows: int,
+                  detect_version: str, throttle=None):
+    """The streaming plan over the rows that need computing (``work``: refs of Arrow tables from
+    plan.make, ``rows`` of them); nothing runs until it is iterated. ``detect_version``:
+    ``cfg.detect.signature()``; ``throttle``: the run's download.Throttle actor (the global rate)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
     gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
-    ds = catalog.read(cfg.source, storage_options=gcs)
-    ds = ds.map_batches(
-        plan.PlanStage, fn_constructor_kwargs={"state": [ray.put(known)], "embed": cfg.embed.model_dump(),
-                                               "detect_version": detect_version, "full": cfg.plan.full},
-        batch_format="pyarrow", batch_size=cfg.download.batch_size * 4,
-        compute=ActorPoolStrategy(size=1), num_cpus=catalog.READ_CPUS)
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
-    ds = ds.repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
+    ds = ray.data.from_arrow_refs(work).repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
     detecting = cfg.detect.in_pipeline
-    ds = download.apply(ds, cfg.download, cfg.embed.image_size, throttle, storage_options=gcs,
+    fetch = cfg.download.model_copy(update={"actors": pool(cfg.download.actors, rows, 4 * cfg.download.batch_size)})
+    ds = download.apply(ds, fetch, cfg.embed.image_size, throttle, storage_options=gcs,
                         full_size=cfg.detect.image_size if detecting else None,
                         max_id_bytes=cfg.catalog.max_id_bytes)
     if detecting:
         ds = ds.map_batches(
             DetectStage, fn_constructor_kwargs={"cfg": cfg.detect.model_dump(), "image_size": cfg.embed.image_size,
                                                 "device": device, "storage_options": gcs},
-            batch_format="pyarrow", batch_size=cfg.detect.batch_size, compute=ActorPoolStrategy(size=cfg.detect.actors),
+            batch_format="pyarrow", batch_size=cfg.detect.batch_size,
+            compute=ActorPoolStrategy(size=pool(cfg.detect.actors, rows, ROWS_PER_MODEL_ACTOR)),
             num_cpus=cfg.detect.cpus_per_actor, num_gpus=cfg.detect.gpus_per_actor if gpu else 0)
     ds = ds.map_batches(
         EmbedStage, fn_constructor_kwargs={"cfg": cfg.embed.model_dump(), "device": device, "storage_options": gcs},
         batch_format="pyarrow", batch_size=cfg.embed.batch_size,
-        compute=ActorPoolStrategy(size=cfg.embed.actors),
+        compute=ActorPoolStrategy(size=pool(cfg.embed.actors, rows, ROWS_PER_MODEL_ACTOR)),
         num_cpus=cfg.embed.cpus_per_actor, num_gpus=cfg.embed.gpus_per_actor if gpu else 0)
     versions = {"": cfg.embed.model_version, **{c: m.model_version for c, m in cfg.embed.categories.items()}}
     return ds.map_batches(
@@ -111,57 +114,117 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, known
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
 
-REJECT_COLUMNS = ("product_id", "image_url", "category", "reason", "detail")
+REJECT_COLUMNS = tuple(plan.REJECT_SCHEMA.names)
 
 
-def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str) -> pa.Table:
-    """Count outcomes (per catalog row: its first object), write rejects.parquet, and return the
-    state rows of this run (manifest.STATE_SCHEMA): one per product and category."""
+def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str) -> plan.Plan:
+    """The run's plan: the catalog joined with the stored state (engine.plan)."""
+    sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
+    settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
+                             {c: m.model_version for c, m in cfg.embed.categories.items()})
+    return plan.make(catalog.read(cfg.source, storage_options=storage.options), sources, settings,
+                     cfg.plan.bucket_rows)
+
+
+def start_counts(report: Report, change: plan.Plan) -> None:
+    """The plan's counts; the stream adds ok, rejected and objects of the rows it computes."""
+    c = change.counts
+    report.data["counts"].update(
+        rows_in=c.get("rows_in", 0), new=c.get("new", 0), changed=c.get("changed", 0),
+        unchanged_reused=c.get("unchanged_reused", 0), processed=c.get("new", 0) + c.get("changed", 0),
+        duplicates=c.get("duplicates", 0), rejected=c.get("duplicates", 0), objects=c.get("kept_objects", 0))
+    report.data["rejects_by_reason"] = {"duplicate_product_id": c["duplicates"]} if c.get("duplicates") else {}
+
+
+def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str,
+             change: plan.Plan) -> tuple[pa.Table, pa.Array]:
+    """Count the stream's outcomes (per catalog row: its first object) with Arrow compute, write
+    rejects.parquet (the plan's duplicates, then the stream's rejects), and return this run's
+    STATE rows (one per product and category computed) and the product_ids of changed rows
+    rejected again."""
+    import ray
+
     counts = report.data["counts"]
-    counts.update(new=0, changed=0, unchanged_reused=0, processed=0, duplicates=0, objects=0)
-    reasons, rejects, entries, shown = collections.Counter(), [], [], time.time()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            first = not row.get("object")
-            action = row.get("action") or plan.NEW
-            if first:
-                counts["rows_in"] += 1
-                if action == plan.DUPLICATE:
-                    counts["duplicates"] += 1
-                else:
-                    counts["unchanged_reused" if action == plan.REUSE else action] += 1
-                    counts["processed"] += action != plan.REUSE
-            if row["status"] == "rejected":
-                if first:
-                    counts["rejected"] += 1
-                    reasons[row["reason"]] += 1
-                    rejects.append({c: row.get(c) for c in REJECT_COLUMNS})
-                continue
-            counts["ok"] += first and row["status"] == "ok"
-            counts["objects"] += 1
-            entries.append({"product_id": row["product_id"], "image_url": row["image_url"],
-                            "category": row["category"], "catalog_category": row["catalog_category"],
-                            "content_key": row["content_key"], "file": row["file"], "row": row["row"],
-                            "model_version": cfg.embed.version_of(row["category"]),
-                            "detect_version": detect_version, "objects": row["objects"]})
-        report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
-        report.progress()
-        if time.time() - shown > PROGRESS_EVERY_S:
-            shown = time.time()
-            log.info("progress: %s; rejects by reason %s", counts, report.data["rejects_by_reason"])
-    schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+    reasons = collections.Counter(report.data.get("rejects_by_reason", {}))
+    added, again, shown = [], [], time.time()
+    versions = plan.Settings(detect_version, False, cfg.embed.model_version,
+                             {c: m.model_version for c, m in cfg.embed.categories.items()})
     storage.makedirs("runs", run_id)
-    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), storage.path("runs", run_id, "rejects.parquet"),
-                   filesystem=storage.fs)
-    state = pa.Table.from_pylist(entries, schema=manifest.STATE_SCHEMA)
-    report.data["categories"] = dict(sorted(collections.Counter(state.column("category").to_pylist()).items()))
-    return state
+    with pq.ParquetWriter(storage.path("runs", run_id, "rejects.parquet"), plan.REJECT_SCHEMA,
+                          filesystem=storage.fs) as rejects:
+        for ref in change.rejects:
+            rejects.write_table(ray.get(ref))
+        for batch in (ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ()):
+            first = pc.fill_null(pc.equal(batch.column("object"), 0), True)
+            bad = pc.fill_null(pc.equal(batch.column("status"), "rejected"), False)
+            ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+            out = batch.filter(pc.and_(first, bad))
+            counts["rejected"] += out.num_rows
+            counts["ok"] += pc.sum(pc.and_(first, ok)).as_py() or 0
+            counts["objects"] += batch.num_rows - (pc.sum(bad).as_py() or 0)
+            if out.num_rows:
+                for r in pc.value_counts(out.column("reason")).to_pylist():  # one entry per distinct reason
+                    reasons[r["values"]] += r["counts"]
+                rejects.write_table(out.select(REJECT_COLUMNS).cast(plan.REJECT_SCHEMA))
+                again.append(out.filter(pc.equal(out.column("action"), plan.CHANGED)).column("product_id"))
+            if pc.any(ok).as_py():
+                added.append(_manifest_rows(batch.filter(ok), versions))
+            report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+            report.progress()
+            if time.time() - shown > PROGRESS_EVERY_S:
+                shown = time.time()
+                log.info("progress: %s; rejects by reason %s", counts, report.data["rejects_by_reason"])
+    report.data["rejects_by_reason"] = dict(sorted(reasons.items()))
+    added = pa.concat_tables(added) if added else manifest.empty_state()
+    again = pa.chunked_array([c for a in again for c in a.chunks], pa.string()) if again else pa.array([], pa.string())
+    return added, again
 
 
-def _removed(before: pa.Table, state: pa.Table) -> int:
-    """Products of the published index that this run's catalog no longer has."""
-    gone = pc.invert(pc.is_in(pc.unique(before.column("product_id")), value_set=state.column("product_id")))
-    return int(pc.sum(gone).as_py() or 0)
+def _manifest_rows(ok: pa.Table, versions: plan.Settings) -> pa.Table:
+    """STATE rows of a batch's ok objects, located where the feature store wrote them."""
+    n = ok.num_rows
+    cols = {"product_id": ok.column("product_id"), "image_url": ok.column("image_url"),
+            "category": ok.column("category"), "catalog_category": ok.column("catalog_category"),
+            "content_key": ok.column("content_key"), "file": ok.column("file"), "row": ok.column("row"),
+            "model_version": plan._expected_version(ok.column("category"), versions),
+            "detect_version": pa.array([versions.detect_version] * n, pa.string()), "objects": ok.column("objects")}
+    return pa.table(cols).select(manifest.STATE_SCHEMA.names).cast(manifest.STATE_SCHEMA)
+
+
+def _removed(change: plan.Plan, again: pa.Array) -> int:
+    """Products of the published index this run drops: gone from the catalog, or changed and
+    rejected this time."""
+    import ray
+
+    if not len(again):
+        return change.counts.get("gone", 0)
+    base = [t.column("product_id") for t in ray.get(change.base_changed) if t.num_rows]
+    if not base:
+        return change.counts.get("gone", 0)
+    value_set = pa.chunked_array(base).combine_chunks()
+    hit = pc.is_in(pc.unique(again), value_set=value_set)
+    return change.counts.get("gone", 0) + (pc.sum(hit).as_py() or 0)
+
+
+def _categories(change: plan.Plan, added: pa.Table) -> dict:
+    """Objects per category the new index holds: reused plus computed."""
+    out = collections.Counter(change.categories)
+    for r in (pc.value_counts(added.column("category")).to_pylist() if added.num_rows else []):
+        out[r["values"]] += r["counts"]
+    return dict(sorted(out.items()))
+
+
+def _change(change: plan.Plan) -> tuple[pa.Table, pa.Table]:
+    """(kept rows resumed from pending runs, published rows that leave): with this run's added
+    rows, the delta from the published state to the new one. Reused published rows stay put."""
+    import ray
+
+    resumed = [t.filter(pc.greater(t.column("source"), 0)).drop_columns(["source"]) for t in ray.get(change.resumed)]
+    resumed = [t for t in resumed if t.num_rows]
+    removed = [t for t in ray.get(change.removed) if t.num_rows]
+    none = manifest.REMOVED_SCHEMA.empty_table()
+    return (pa.concat_tables(resumed).cast(manifest.STATE_SCHEMA) if resumed else manifest.empty_state(),
+            pa.concat_tables(removed).cast(manifest.REMOVED_SCHEMA) if removed else none)
 
 
 def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> tuple[str | None, pa.Table]:
@@ -234,31 +297,38 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.data["device"] = device
             base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
         with report.stage("plan"):
-            known = manifest.empty_state() if cfg.plan.full \
-                else plan.known_features(storage, mv, list(cfg.embed.models()), run_id)
-            report.data["known_features"] = known.num_rows
-        with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
             detect_version = cfg.detect.signature()  # hashes the detector's weights: once a run
-            ds = build_dataset(cfg, run_id, device, storage, known, detect_version, throttle)
-            state = _consume(ds, report, storage, run_id, cfg, detect_version)
-            report.data["download"] = download.stats(throttle)
-            report.measure(ds, {"plan": (1, 1), "download": (cfg.download.actors, download.CALLS_PER_ACTOR),
-                                "detect": (cfg.detect.actors, 1), "embed": (cfg.embed.actors, 1)},
-                           {"download": cfg.download.max_rps})
-        report.rate("download_embed_store", report.data["counts"]["ok"])
+            change = make_plan(cfg, storage, run_id, detect_version)
+            start_counts(report, change)
+            report.data["known_features"] = change.counts.get("state_rows", 0)
+            report.data["plan"] = {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
+                                   "peak_rss_mb": change.peak_rss_mb, "seconds": change.seconds}
+        work = change.counts.get("work", 0)
+        if work:
+            with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
+                ds = build_dataset(cfg, run_id, device, storage, change.work, work, detect_version, throttle)
+                fresh, again = _consume(ds, report, storage, run_id, cfg, detect_version, change)
+                report.data["download"] = download.stats(throttle)
+                report.measure(ds, {"download": (cfg.download.actors, download.CALLS_PER_ACTOR),
+                                    "detect": (cfg.detect.actors, 1), "embed": (cfg.embed.actors, 1)},
+                               {"download": cfg.download.max_rps})
+            report.rate("download_embed_store", report.data["counts"]["ok"])
+        else:  # nothing to compute: no stream, no actor pools
+            fresh, again = _consume(None, report, storage, run_id, cfg, detect_version, change)
         counts = report.data["counts"]
-        base_version, before = base_state(storage, mv, base)
-        counts["removed"] = _removed(before, state)
-        counts["indexed"] = state.num_rows
-        if state.num_rows == 0:
+        counts["removed"] = _removed(change, again)
+        counts["indexed"] = change.counts.get("kept_objects", 0) + fresh.num_rows
+        report.data["categories"] = _categories(change, fresh)
+        if counts["indexed"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         check_reject_ratio(report.data, cfg.download.max_reject_ratio)
-        if not cfg.plan.publish_unchanged and _unchanged(counts):
+        if not cfg.plan.publish_unchanged and _unchanged(counts) and not change.counts.get("resumed"):
             report.data["index_version"] = publish.latest(storage, mv)
             report.finish("unchanged")
             return report.data
-        added, removed = manifest.diff(before, state)
-        finish(cfg, storage, report, run_id, base, before, added, removed)
+        resumed, removed = _change(change)
+        _, before = base_state(storage, mv, base)
+        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
