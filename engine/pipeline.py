@@ -281,6 +281,16 @@ def _unchanged(counts: dict) -> bool:
     return counts["ok"] == 0 and counts["removed"] == 0 and counts["duplicates"] == 0
 
 
+def _plan_throughput(report: Report, change) -> None:
+    """The catalog read and the bucket plan run as Ray tasks before the stream: their measured
+    rates (catalog rows over wall seconds, the tasks' parallelism included) go into the projection."""
+    rows, secs = change.counts.get("rows_in", 0), change.seconds
+    stages = {"read": secs.get("read", 0.0), "plan": secs.get("split", 0.0) + secs.get("join", 0.0)}
+    report.data.setdefault("throughput", {}).update(
+        {name: {"rows": rows, "busy_s": round(s, 3), "actors": None, "calls_per_actor": 1, "parallelism": 1.0}
+         for name, s in stages.items() if rows and s > 0})
+
+
 def run(cfg: Config, run_id: str | None = None) -> dict:
     """Run once; returns the report, or raises RunFailed (the report is written either way)."""
     run_id = run_id or new_run_id()
@@ -303,6 +313,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.data["known_features"] = change.counts.get("state_rows", 0)
             report.data["plan"] = {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
                                    "peak_rss_mb": change.peak_rss_mb, "seconds": change.seconds}
+            _plan_throughput(report, change)
         work = change.counts.get("work", 0)
         if work:
             with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:

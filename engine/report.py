@@ -100,7 +100,7 @@ class Report:
                 st["parallelism"] = round(max(1.0, busy / window) if window > 0 else 1.0, 2)
             if caps and caps.get(name):
                 st["cap_per_s"] = caps[name]
-        self.data["throughput"] = stages
+        self.data.setdefault("throughput", {}).update(stages)
 
     def count_outcomes(self, batch: pa.Table) -> None:
         counts = self.data["counts"]
