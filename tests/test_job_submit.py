@@ -5,6 +5,7 @@ its submitter pod). It is the one test with a second Ray cluster: small (2 CPUs)
 127.0.0.1 on free ports with its own temp dir, and stopped by its own process group at the end
 (never `ray stop`, which would stop every Ray on the machine).
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,15 +28,15 @@ MAX_WORKING_DIR = 100 * 1024 * 1024  # Ray's cap on a job's working_dir package
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
                 "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")})
     return env
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A `ray start --head` cluster in its own process group: (dashboard URL, metrics port, temp dir)."""
-    temp = tmp_path_factory.mktemp("rayhead")
+@contextlib.contextmanager
+def ray_head(temp: Path, worker_ports: int = 40):
+    """A `ray start --head` cluster in its own process group, loopback only: (dashboard URL, ports).
+    Stopped by its process group at the end, and checked to leave no process behind."""
     ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
                                             "metrics-export-port", "dashboard-agent-listen-port",
                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -44,7 +45,7 @@ def head(tmp_path_factory):
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
-           f"--min-worker-port={low}", f"--max-worker-port={low + 40}",
+           f"--min-worker-port={low}", f"--max-worker-port={low + worker_ports}",
            *[f"--{k}={v}" for k, v in ports.items()]]
     log = open(temp / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -62,12 +63,20 @@ def head(tmp_path_factory):
                 if time.monotonic() > deadline:
                     raise RuntimeError("dashboard not up:\n" + (temp / "ray-start.log").read_text()[-3000:])
                 time.sleep(1)
-        yield url, ports["metrics-export-port"], temp
+        yield url, ports
     finally:
         _stop(pgid)
         log.close()
         left = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
         assert not left, f"Ray processes of the test cluster still running: {left}"
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """(dashboard URL, metrics port, temp dir) of this module's `ray start --head` cluster."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    with ray_head(temp) as (url, ports):
+        yield url, ports["metrics-export-port"], temp
 
 
 def _alive(pgid: int) -> list[str]:

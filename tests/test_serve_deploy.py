@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import free_port
-from test_job_submit import _env, _stop
+from test_job_submit import _env, ray_head
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = os.path.dirname(sys.executable)
@@ -26,34 +26,8 @@ BIN = os.path.dirname(sys.executable)
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("serve-head")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "metrics-export-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "node-manager-port", "object-manager-port")}
-    low = free_port()
-    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
-           f"--min-worker-port={low}", f"--max-worker-port={low + 60}", *[f"--{k}={v}" for k, v in ports.items()]]
-    log = open(temp / "ray-start.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        if proc.wait(timeout=300) != 0:
-            raise RuntimeError("ray start failed:\n" + (temp / "ray-start.log").read_text()[-3000:])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/version", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+    with ray_head(tmp_path_factory.mktemp("serve-head"), worker_ports=60) as (url, _):
         yield url
-    finally:
-        _stop(proc.pid)
-        log.close()
 
 
 def cli(*argv, timeout=300):
@@ -106,7 +80,8 @@ raycluster.connect(RayConfig())  # the defaults: ray.log_to_driver true
 
 @ray.remote
 def work(i):
-    logging.getLogger("engine.worker_probe").info("worker %d says hello", i)
+    # words, not numbers: Ray folds log lines that differ only in numbers into one "[repeated Nx]"
+    logging.getLogger("engine.worker_probe").info("worker %s says hello", ["alpha", "bravo", "charlie"][i])
     return i
 
 print(sum(ray.get([work.remote(i) for i in range(3)])))
