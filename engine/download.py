@@ -43,17 +43,6 @@ CALLS_PER_ACTOR = 4
 
 # --- the Ray Data stage -----------------------------------------------------------------------
 
-REUSE, DUPLICATE = "reuse", "duplicate"  # engine.plan's (not imported: plan imports the feature store)
-PLANNED = (REUSE, DUPLICATE)  # rows the plan settled: nothing to fetch
-
-
-async def _planned(action: str, note: str | None) -> tuple:
-    """Rows the plan settled: reused features (nothing to fetch) or a duplicate product_id."""
-    if action == DUPLICATE:
-        return ("rejected", "duplicate_product_id", note, b"", 0, 0)
-    return ("reused", None, None, b"", 0, 0)
-
-
 class DownloadStage:
     """Ray Data actor. ``__call__`` is async: Ray Data runs it on one event loop per actor, with
     several batches (and several blocks, CALLS_PER_ACTOR) in flight, so slow rows overlap."""
@@ -73,15 +62,11 @@ class DownloadStage:
             self.fetcher = Fetcher(self.cfg, lease, self.size, self.storage_options, self.full_size,
                                    max_id_bytes=self.max_id_bytes)
         batch = normalise(batch)
-        rows = batch.select(list(CATALOG_FIELDS)).to_pylist()
-        # rows the run plan reuses (engine.plan) keep their stored features: nothing to fetch
-        actions = batch.column("action").to_pylist() if "action" in batch.column_names else [None] * len(rows)
-        notes = batch.column("note").to_pylist() if "note" in batch.column_names else [None] * len(rows)
-        results = await asyncio.gather(*(_planned(a, n) if a in PLANNED else self.fetcher.process(r)
-                                         for r, a, n in zip(rows, actions, notes)))
+        rows = batch.select(list(CATALOG_FIELDS)).to_pylist()  # only rows to compute: the plan keeps reused ones
+        results = await asyncio.gather(*(self.fetcher.process(r) for r in rows))
         if self.throttle is not None:
             counts = self.fetcher.take_counts()
-            counts.update(rows=sum(a not in PLANNED for a in actions), ok=sum(r[0] == "ok" for r in results))
+            counts.update(rows=len(rows), ok=sum(r[0] == "ok" for r in results))
             await self.throttle.record.remote(counts)
         if "note" in batch.column_names:
             batch = batch.drop_columns(["note"])
