@@ -40,6 +40,9 @@ NODE_HEADER = {"angular": 12, "euclidean": 16, "dot": 16}
 BUILD_HEADROOM = 256 * MIB
 PARTIAL = ".part"
 PARTIAL_GRACE_S = 3600.0
+# A restricted search scans its rows exactly below this many rows or this share of the shard.
+EXACT_SCAN_ROWS = 5_000
+EXACT_SCAN_FRACTION = 0.02
 log = logging.getLogger(__name__)
 
 
@@ -455,12 +458,54 @@ class Shard:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def search(self, vector: list[float], n: int, search_k: int | None = None) -> tuple[list[str], np.ndarray]:
-        """Top-n (product_ids, scores), best first. Annoy releases the GIL: call from many threads."""
-        items, dists = self.annoy.get_nns_by_vector(vector, n, search_k=self.search_k if search_k is None else search_k,
-                                                    include_distances=True)
+    def search(self, vector: list[float], n: int, search_k: int | None = None,
+               keep: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+        """Top-n (product_ids, scores), best first. Annoy releases the GIL: call from many threads.
+
+        ``keep`` (a bool per item, e.g. a filter's matches minus tombstones) restricts the answer:
+        Annoy is asked for more candidates until n pass or the shard is exhausted, and a selective
+        mask is answered by an exact scan of its rows, so it still gets the true neighbours.
+        """
+        sk = self.search_k if search_k is None else search_k
+        if keep is None:
+            return self._nns(vector, n, sk)
+        eligible = int(np.count_nonzero(keep))
+        if eligible == 0 or n <= 0:
+            return [], np.zeros(0)
+        if eligible <= EXACT_SCAN_ROWS or eligible < EXACT_SCAN_FRACTION * len(self):
+            return self.exact(vector, n, np.flatnonzero(keep))
+        fetch = min(len(self), math.ceil(n * len(self) / eligible * 1.5) + n)
+        while True:
+            items, dists = self.annoy.get_nns_by_vector(vector, fetch, search_k=-1 if sk == -1 else sk * fetch // n,
+                                                        include_distances=True)
+            items, dists = np.asarray(items, np.int64), np.asarray(dists)
+            ok = keep[items] if len(items) else np.zeros(0, bool)
+            if int(ok.sum()) >= n or fetch >= len(self) or len(items) < fetch:
+                break
+            fetch = min(len(self), fetch * 4)
+        items, dists = items[ok][:n], dists[ok][:n]
+        if len(items) < min(n, eligible):
+            return self.exact(vector, n, np.flatnonzero(keep))
+        return self.ids.take(pa.array(items)).to_pylist(), score_from_distance(dists, self.metric)
+
+    def _nns(self, vector, n: int, search_k: int) -> tuple[list[str], np.ndarray]:
+        items, dists = self.annoy.get_nns_by_vector(vector, n, search_k=search_k, include_distances=True)
         ids = self.ids.take(pa.array(items, pa.int64())).to_pylist() if items else []
         return ids, score_from_distance(dists, self.metric)
+
+    def exact(self, vector, n: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Exact top-n among ``positions`` (brute force over the mmap'd vectors), in Annoy's scores."""
+        q = np.asarray(vector, np.float32)
+        rows = np.asarray(self.item_vectors()[positions], np.float32)
+        if self.metric == "angular":
+            norms = np.linalg.norm(rows, axis=1) * max(float(np.linalg.norm(q)), 1e-12)
+            scores = rows @ q / np.maximum(norms, 1e-12)
+        elif self.metric == "dot":
+            scores = rows @ q
+        else:
+            scores = -np.linalg.norm(rows - q, axis=1)
+        top = np.argsort(-scores, kind="stable")[:n]
+        return self.ids.take(pa.array(positions[top])).to_pylist(), scores[top].astype(np.float64)
 
     def vector(self, position: int) -> np.ndarray:
         return np.asarray(self.annoy.get_item_vector(position), np.float32)
