@@ -54,6 +54,9 @@ def load_state_dict(uri: str | None, storage_options: dict | None = None, data: 
 
 
 def resolve_device(requested: str) -> str:
+    """"cpu" never imports torch: an ONNX actor starts without it (2 s of import on a 2-core node)."""
+    if requested == "cpu":
+        return requested
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
@@ -107,14 +110,15 @@ def pooled_model(state_dict):
 def onnx_file(cfg: EmbedConfig, data: bytes) -> str:
     """The ONNX export of these weights, made once per machine and cache dir (atomic rename, so
     actors starting together cannot read a half-written file)."""
-    import onnxruntime
-    import torch
+    from importlib.metadata import version
 
-    key = hashlib.sha1(data + f"{EXPORT_VERSION}|{cfg.image_size}|{torch.__version__}|{onnxruntime.__version__}".encode()).hexdigest()
+    key = hashlib.sha1(data + f"{EXPORT_VERSION}|{cfg.image_size}|{version('torch')}|{version('onnxruntime')}".encode()).hexdigest()
     folder = os.path.expanduser(cfg.cache_dir or os.path.join("~", ".cache", "lookalike"))
     path = os.path.join(folder, f"{cfg.model}-{key[:16]}.onnx")
     if os.path.exists(path):
         return path
+    import torch  # only to export, once per machine
+
     os.makedirs(folder, exist_ok=True)
     model = pooled_model(load_state_dict(None, data=data))
     example = torch.zeros((2, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)

@@ -41,6 +41,18 @@ def test_export_is_cached_and_reused(embedders, tmp_path):
     assert again.session is not None
 
 
+def test_a_cpu_actor_with_a_cached_export_never_imports_torch(embedders):
+    """torch's import is most of an embed actor's start on a small node (and of a diff run's fixed cost)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from engine.config import EmbedConfig; from engine.embed import Embedder; "
+            f"e = Embedder(EmbedConfig(cache_dir={embedders[0].cfg.cache_dir!r}), device='cpu'); "
+            f"print(e.backend, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["onnx", "False"]
+
+
 def test_pretrained_features_tell_fashion_classes_apart(embedders):
     """Guards the model, not just the plumbing: a wrong activation or scaling still "works" but
     loses about a third of this (ReLU6 swapped for swish: 0.52)."""
