@@ -33,6 +33,7 @@ import pyarrow.parquet as pq  # noqa: E402
 CHUNK = 100_000  # rows generated and written at a time (one catalog file, one manifest row group)
 CATEGORIES = ("tops", "bottoms", "shoes", "bags")
 BASE_RUN = "20260101T000000Z-base00"
+NOTIONAL_FILE_BYTES = 256 << 20  # full-size feature files: compaction has nothing to merge
 SKIPPED = ["download", "detect", "embed", "feature write (stand-in marks work rows ok)",
            "manifest write, index, validate, publish"]
 
@@ -73,7 +74,7 @@ def generate(rows: int, out: Path) -> None:
                 at = in_cat == c
                 row[at] = np.arange(at.sum())
                 name = f"features/{mv}/run={BASE_RUN}/category={c}/part-{start // CHUNK:05d}.parquet"
-                files[name] = {"rows": int(at.sum()), "live": int(at.sum()), "bytes": 0}
+                files[name] = {"rows": int(at.sum()), "live": int(at.sum()), "bytes": NOTIONAL_FILE_BYTES}
                 categories[c] += int(at.sum())
             file = [f"features/{mv}/run={BASE_RUN}/category={c}/part-{start // CHUNK:05d}.parquet" for c in in_cat]
             total += n

@@ -72,7 +72,7 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
 
     target = int(target_mb * MIB)
     chosen = choose(catalog, target, min_small)
-    stats = {"files_in": 0, "files_out": 0, "rows_moved": 0}
+    stats = {"files_in": 0, "files_out": 0, "rows_moved": 0, "written": []}
     if not chosen:
         return state, stats
     moved_files = [f for names in chosen.values() for f in names]
@@ -106,5 +106,5 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
         piece = piece.set_column(piece.schema.get_field_index("row"), "row",
                                  pa.array(np.arange(piece.num_rows, dtype=np.int64)))
         out.append(piece)
-    stats.update(files_out=len(written), rows_moved=moving.num_rows)
-    return pa.concat_tables(out).combine_chunks(), stats
+    stats.update(files_out=len(written), rows_moved=moving.num_rows, written=sorted(written))
+    return pa.concat_tables(out), stats

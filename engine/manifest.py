@@ -81,19 +81,38 @@ def _read(storage: Storage, line: str, version: str, name: str, columns, bucket)
     return table
 
 
+def _matches(state: pa.Table, keys: pa.Table) -> pa.Array:
+    """Per row of ``state``: whether its (product_id, category) is in ``keys``.
+
+    A product_id pre-filter (no copy) narrows the exact two-column match to the few candidate
+    rows, so a delta of thousands against millions of rows costs a mask, not a join of the whole.
+    """
+    if not keys.num_rows or not state.num_rows:
+        return pa.array(np.zeros(state.num_rows, bool))
+    candidate = pc.is_in(state.column("product_id"), value_set=pc.unique(keys.column("product_id").combine_chunks()))
+    at = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
+    hit = np.zeros(state.num_rows, bool)
+    if len(at):
+        rows = state.select(KEY).take(pa.array(at)).append_column("at", pa.array(at, pa.int64()))
+        found = rows.join(keys.select(KEY).group_by(KEY).aggregate([]), KEY, join_type="left semi", use_threads=False)
+        hit[found.column("at").to_numpy()] = True
+    return pa.array(hit)
+
+
 def _drop(state: pa.Table, keys: pa.Table) -> pa.Table:
-    """``state`` without the rows whose (product_id, category) is in ``keys``."""
+    """``state`` without the rows whose (product_id, category) is in ``keys`` (one filtered copy)."""
     if not keys.num_rows or not state.num_rows:
         return state
-    keys = keys.select(KEY).group_by(KEY).aggregate([])
-    return state.join(keys, KEY, join_type="left anti", use_threads=False)
+    return state.filter(pc.invert(_matches(state, keys)))
 
 
 def apply(state: pa.Table, added: pa.Table, removed: pa.Table) -> pa.Table:
     """``state`` minus ``removed`` (and minus any row ``added`` replaces) plus ``added``."""
     gone = pa.concat_tables([removed.select(KEY).cast(REMOVED_SCHEMA), added.select(KEY).cast(REMOVED_SCHEMA)])
     kept = _drop(state, gone)
-    return pa.concat_tables([kept.select(added.column_names).cast(added.schema), added])
+    if kept.schema != added.schema:
+        kept = kept.select(added.column_names).cast(added.schema)
+    return pa.concat_tables([kept, added])
 
 
 def read_state(storage: Storage, model_version: str, index_version: str, bucket: tuple[int, int] | None = None,
@@ -112,13 +131,20 @@ def read_state(storage: Storage, model_version: str, index_version: str, bucket:
             continue
         removed = _read(storage, model_version, version, "removed.parquet", None, bucket)
         state = apply(state, added, removed)
-    state = state.combine_chunks()
     return state if columns is not None else state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
 
 
-def diff(base: pa.Table, state: pa.Table) -> tuple[pa.Table, pa.Table]:
+def diff(base: pa.Table, state: pa.Table, touched: pa.Array | None = None) -> tuple[pa.Table, pa.Table]:
     """(added, removed) that turn ``base`` into ``state``: rows whose vector location or content
-    differs are removed and added again; nothing else is written."""
+    differs are removed and added again; nothing else is written.
+
+    ``touched``: product_ids that can differ (a run's added, removed and moved rows); every other
+    row is the same in both by construction, so only these are joined (millions of rows unread).
+    """
+    if touched is not None:
+        value_set = pc.unique(touched)
+        base = base.filter(pc.is_in(base.column("product_id"), value_set=value_set))
+        state = state.filter(pc.is_in(state.column("product_id"), value_set=value_set))
     same = ["product_id", "category", "file", "row", "content_key"]
     added = state.join(base.select(same), same, join_type="left anti", use_threads=False) if base.num_rows else state
     kept = base.join(state.select(same), same, join_type="left anti", use_threads=False) if state.num_rows else base

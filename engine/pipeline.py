@@ -245,16 +245,10 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     """
     mv = cfg.embed.model_version
     base_version = base.version if base.version and manifest.exists(storage, mv, base.version) else None
-    changed = set(added.column("category").to_pylist()) | set(removed.column("category").to_pylist())
+    changed = set(pc.unique(added.column("category")).to_pylist()) | set(pc.unique(removed.column("category")).to_pylist())
     with report.stage("compact"):
-        state = manifest.apply(before, added, removed)
-        base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
-        files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
-        state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
-                                                                min_small)
-        delta_added, delta_removed = manifest.diff(before, state)
-        meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
-    report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
+        state, meta = commit_manifest(storage, cfg, report, version, base_version, before, added, removed, min_small)
+    del before
     with report.stage("index"):
         previous = index.read_manifest(storage, mv, base_version) \
             if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
@@ -271,6 +265,28 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     with report.stage("gc"):
         report.data["gc"] = gc.collect(storage, mv, cfg.storage.keep_versions)
     report.data["index_uri"] = storage.uri(*index.version_prefix(mv, version))
+
+
+def commit_manifest(storage: Storage, cfg: Config, report: Report, version: str, base_version: str | None,
+                    before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None):
+    """(state, meta): the new state, compacted, committed as a delta on ``base_version``.
+
+    Columnar and in proportion to the change where it can be: the diff joins only the products
+    this run added, removed or moved (not every row of the state).
+    """
+    mv = cfg.embed.model_version
+    state = manifest.apply(before, added, removed)
+    base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
+    files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
+    state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
+                                                       min_small)
+    written = report.data["compaction"].pop("written", [])
+    moved = state.filter(pc.is_in(state.column("file"), value_set=pa.array(written, pa.string()))).column("product_id")
+    touched = pa.chunked_array([c for col in (added.column("product_id"), removed.column("product_id"), moved)
+                                for c in col.chunks], pa.string())
+    delta_added, delta_removed = manifest.diff(before, state, touched)
+    meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
+    return state, meta
 
 
 def _unchanged(counts: dict) -> bool:
