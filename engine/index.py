@@ -43,6 +43,7 @@ PARTIAL_GRACE_S = 3600.0
 # A restricted search scans its rows exactly below this many rows or this share of the shard.
 EXACT_SCAN_ROWS = 5_000
 EXACT_SCAN_FRACTION = 0.02
+SEARCH_K_PER_ITEM = 20  # Annoy nodes looked at per candidate asked for, when over-fetching for a mask
 log = logging.getLogger(__name__)
 
 
@@ -508,8 +509,8 @@ class Shard:
             return self.exact(vector, n, np.flatnonzero(keep))
         fetch = min(len(self), math.ceil(n * len(self) / eligible * 1.5) + n)
         while True:
-            items, dists = self.annoy.get_nns_by_vector(vector, fetch, search_k=-1 if sk == -1 else sk * fetch // n,
-                                                        include_distances=True)
+            k_nodes = -1 if sk == -1 else max(sk, fetch * SEARCH_K_PER_ITEM)
+            items, dists = self.annoy.get_nns_by_vector(vector, fetch, search_k=k_nodes, include_distances=True)
             items, dists = np.asarray(items, np.int64), np.asarray(dists)
             ok = keep[items] if len(items) else np.zeros(0, bool)
             if int(ok.sum()) >= n or fetch >= len(self) or len(items) < fetch:
