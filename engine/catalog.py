@@ -6,6 +6,7 @@ the driver before any task runs.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from engine.config import SourceConfig
 from engine.errors import CatalogError  # noqa: F401 - the catalog's error, raised here and by sources
 from engine.storage import Storage
 
+log = logging.getLogger(__name__)
 CATALOG_FIELDS = ("product_id", "image_url", "category")
 # Reading is I/O; a whole CPU per read task would starve the actor pools on a 2-core node.
 READ_CPUS = 0.25
@@ -26,27 +28,28 @@ def _format(cfg: SourceConfig) -> str:
     return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(ext, "parquet")
 
 
-def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None):
+def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None, extra: tuple = ()):
     """The catalog as a Ray Dataset (streamed; nothing is collected on the driver).
 
-    ``storage_options``: GCS settings for a gs:// ``source.path`` (engine.storage.gcs_options).
+    ``storage_options``: GCS settings for a gs:// ``source.path`` (engine.storage.gcs_options);
+    ``extra``: more columns the run needs (``index.filter_columns``), required like the rest.
     """
-    ds = _read_bigquery(cfg) if cfg.kind == "bigquery" else _read_files(cfg, parallelism, storage_options)
+    ds = _read_bigquery(cfg, extra) if cfg.kind == "bigquery" else _read_files(cfg, parallelism, storage_options, extra)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds
 
 
-def _read_bigquery(cfg: SourceConfig):
+def _read_bigquery(cfg: SourceConfig, extra: tuple = ()):
     import ray.data
 
     from engine.bigquery import BigQueryStorageDatasource
 
-    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(cfg.required_columns)),
+    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(dict.fromkeys([*cfg.required_columns, *extra]))),
                                     num_cpus=READ_CPUS)
 
 
-def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None):
+def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None, extra: tuple = ()):
     import ray.data
 
     storage = Storage(os.path.dirname(cfg.path.rstrip("/")) or ".", storage_options)
@@ -66,7 +69,11 @@ def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | Non
     else:
         ds = ray.data.read_json(path, lines=True, **kw)
     names = ds.schema().names
-    wanted = {cfg.columns.get(f, f): f for f in cfg.required_columns}
+    absent = [c for c in extra if cfg.columns.get(c, c) not in names and c not in cfg.required_columns]
+    if absent:
+        log.warning("source.path %r has no column(s) %s named by index.filter_columns: indexed as null",
+                    cfg.path, absent)
+    wanted = {cfg.columns.get(f, f): f for f in dict.fromkeys([*cfg.required_columns, *extra]) if f not in absent}
     missing = [c for c in wanted if c not in names]
     if missing:
         raise CatalogError(f"source.path {cfg.path!r}: catalog lacks required column(s) {missing}; "

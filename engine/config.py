@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PACKAGE_DIR.parent / "configs" / "local.yaml"
@@ -274,7 +274,20 @@ class IndexConfig(_Section):
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs per shard build task (Annoy n_jobs)")
     categories: dict[str, IndexParams] = Field(default_factory=dict, description="per-category overrides")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    filter_columns: dict[str, Literal["bool", "string", "int", "float"]] = Field(
+        default_factory=dict, description="catalog columns kept beside the ids for filter= (name: bool|string|int|float)")
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("filter_columns")
+    @classmethod
+    def _filter_names(cls, v: dict) -> dict:
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", n)
+               or n.upper() in ("AND", "OR", "IN", "TRUE", "FALSE") or n == "product_id"]
+        if bad:
+            raise ValueError(f"filter column names must be identifiers (not product_id or a keyword): {bad}")
+        if len(v) > 32:
+            raise ValueError(f"at most 32 filter columns, got {len(v)}")
+        return v
 
     def params(self, category: str) -> dict:
         """Build parameters for one category: its override, else the index-wide value."""

@@ -46,6 +46,8 @@ def _references(storage: Storage, line: str, versions: list[str]) -> set[tuple[s
     for v in versions:
         m = storage.read_json("indexes", line, v, MANIFEST)
         out |= {(owner(m, c), c) for c in m.get("categories", {})}
+        out |= {(s["attrs_version"], c) for c, e in m.get("categories", {}).items()  # filter columns
+                for s in e.get("shards", []) if s.get("attrs_version")}
     return out
 
 

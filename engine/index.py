@@ -43,6 +43,7 @@ PARTIAL_GRACE_S = 3600.0
 # A restricted search scans its rows exactly below this many rows or this share of the shard.
 EXACT_SCAN_ROWS = 5_000
 EXACT_SCAN_FRACTION = 0.02
+SEARCH_K_PER_ITEM = 20  # Annoy nodes looked at per candidate asked for, when over-fetching for a mask
 log = logging.getLogger(__name__)
 
 
@@ -221,10 +222,11 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
 
 def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list],
                      cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None,
-                     reused: dict[str, dict] | None = None) -> dict:
+                     reused: dict[str, dict] | None = None, attributes: list | None = None) -> dict:
     """Build every shard of every category as parallel Ray tasks, then write the manifest (last).
     ``versions``: category -> the model version its features come from (default: ``model_version``);
-    ``reused``: category -> an earlier version's entry whose shards this version serves as they are."""
+    ``reused``: category -> an earlier version's entry whose shards this version serves as they are;
+    ``attributes``: refs of the catalog's filter columns (engine.attributes), written for every shard."""
     import ray
 
     t0 = time.time()
@@ -256,8 +258,12 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
             "model_version": (versions or {}).get(spec["category"], model_version), "shards": []})
         cat["count"] += entry["count"]
         cat["shards"].append(entry)
-    categories.update(reused)
+    categories.update({c: dict(e) for c, e in reused.items()})
     categories = dict(sorted(categories.items()))
+    if cfg.filter_columns and attributes is not None:  # None (compaction): reused entries keep theirs
+        from engine import attributes as attrs
+
+        attrs.write(root, prefix, categories, attributes or [], cfg.filter_columns)
     manifest = {
         "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
@@ -287,7 +293,7 @@ def _reusable(entry: dict | None, count: int, params: dict, model_version: str) 
 
 
 def build_version(root, model_version: str, index_version: str, state: pa.Table, cfg: IndexConfig,
-                  base: dict | None = None, changed: set | None = None) -> dict:
+                  base: dict | None = None, changed: set | None = None, attributes: list | None = None) -> dict:
     """Build ``index_version`` from a manifest state (engine/manifest.py): each category's rows
     are read straight from their file and row position. A category not in ``changed`` whose
     entry in ``base`` (the previous version's manifest) still matches keeps that version's shards
@@ -316,7 +322,7 @@ def build_version(root, model_version: str, index_version: str, state: pa.Table,
         files_by_category[category] = [(storage.path(str(files[a])), rows[a:b])
                                        for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(files)])]
     return build_from_files(root, model_version, index_version, files_by_category, cfg, run_id=index_version,
-                            versions=versions, reused=reused)
+                            versions=versions, reused=reused, attributes=attributes)
 
 
 # ---------------------------------------------------------------- loading and searching
@@ -366,7 +372,32 @@ def local_copy(storage: Storage, cache_dir: str, parts: tuple, sha: str | None =
 def cached_files(manifest: dict) -> set[str]:
     """The cache paths (relative to the cache dir) of every file a version reads."""
     return {"/".join(shard_prefix(manifest, cat) + (cat, e[k])) for cat, entry in manifest["categories"].items()
-            for e in entry["shards"] for k in ("index", "ids")}
+            for e in entry["shards"] for k in ("index", "ids")} | {
+        "/".join(attrs_parts(manifest["model_version"], cat, e)) for cat, entry in manifest["categories"].items()
+        for e in entry["shards"] if e.get("attrs")}
+
+
+def attrs_parts(model_version: str, category: str, entry: dict) -> tuple:
+    """Where a shard's filter columns are: the version that wrote them (engine.attributes)."""
+    return version_prefix(model_version, entry["attrs_version"]) + (category, entry["attrs"])
+
+
+def read_attrs(storage: Storage, model_version: str, category: str, entry: dict, cache_dir: str,
+               verify: bool = True) -> pa.Table | None:
+    """A shard's filter columns in Annoy order (None when the version has none)."""
+    if not entry.get("attrs"):
+        return None
+    path = local_copy(storage, cache_dir, attrs_parts(model_version, category, entry),
+                      entry["attrs_sha256"] if verify else None)
+    if verify and storage.is_local and sha256(path) != entry["attrs_sha256"]:
+        raise IndexLoadError(f"{category}/{entry['attrs']}: checksum mismatch (corrupt or truncated file)")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a load failure
+        raise IndexLoadError(f"{category}/{entry['attrs']}: unreadable filter columns: {exc}") from None
+    if table.num_rows != entry["count"]:
+        raise IndexLoadError(f"{category}/{entry['attrs']}: {table.num_rows} rows, manifest says {entry['count']}")
+    return table
 
 
 def prune_cache(cache_dir: str, model_version: str, keep: list[dict]) -> int:
@@ -432,6 +463,7 @@ class Shard:
         self.category, self.number, self.entry, self.dim, self.path = category, entry["shard"], entry, dim, path
         self.metric, self.search_k = params["metric"], params.get("search_k", -1)
         self.ids, self.own = ids, own
+        self.attrs: pa.Table | None = None  # filter columns in Annoy order (engine.attributes)
         self.annoy = AnnoyIndex(dim, self.metric)
         try:
             self.annoy.load(path)
@@ -452,8 +484,9 @@ class Shard:
                                      f"(truncated or replaced file)")
             if sha256(path) != entry["sha256"]:
                 raise IndexLoadError(f"{category}/{entry['index']}: checksum mismatch (corrupt file)")
-        return cls(category, entry, dim, params, path,
-                   *read_ids(storage, prefix, category, entry, cache_dir, verify))
+        shard = cls(category, entry, dim, params, path, *read_ids(storage, prefix, category, entry, cache_dir, verify))
+        shard.attrs = read_attrs(storage, prefix[1], category, entry, cache_dir, verify)
+        return shard
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -476,8 +509,8 @@ class Shard:
             return self.exact(vector, n, np.flatnonzero(keep))
         fetch = min(len(self), math.ceil(n * len(self) / eligible * 1.5) + n)
         while True:
-            items, dists = self.annoy.get_nns_by_vector(vector, fetch, search_k=-1 if sk == -1 else sk * fetch // n,
-                                                        include_distances=True)
+            k_nodes = -1 if sk == -1 else max(sk, fetch * SEARCH_K_PER_ITEM)
+            items, dists = self.annoy.get_nns_by_vector(vector, fetch, search_k=k_nodes, include_distances=True)
             items, dists = np.asarray(items, np.int64), np.asarray(dists)
             ok = keep[items] if len(items) else np.zeros(0, bool)
             if int(ok.sum()) >= n or fetch >= len(self) or len(items) < fetch:

@@ -122,8 +122,8 @@ def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str) -
     sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
-    return plan.make(catalog.read(cfg.source, storage_options=storage.options), sources, settings,
-                     cfg.plan.bucket_rows)
+    return plan.make(catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns)),
+                     sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns)
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:
@@ -235,7 +235,8 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
-           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None) -> None:
+           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
+           attributes: list | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
@@ -252,7 +253,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     with report.stage("index"):
         previous = index.read_manifest(storage, mv, base_version) \
             if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
-        built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed)
+        built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
+                                    attributes=attributes)
     report.data["index_build"] = built["build"]
     report.data["index_version"] = version
     with report.stage("validate"):
@@ -355,7 +357,8 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             return report.data
         resumed, removed = _change(change)
         _, before = base_state(storage, mv, base)
-        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed)
+        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed,
+               attributes=change.attributes)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine import attributes as attributes_module
 from engine import manifest, partition, pointer
 from engine.manifest import STATE_SCHEMA, empty_state
 from engine.storage import Storage
@@ -202,6 +203,7 @@ class Plan:
     resumed: list       # refs: the ``kept`` tables that hold rows of pending runs (source > 0)
     peak_rss_mb: dict   # task kind -> largest peak RSS a task of it reported
     seconds: dict       # read (catalog blocks), split (catalog and state by bucket), join (bucket tasks)
+    attributes: list = dataclasses.field(default_factory=list)  # refs: product_id + index.filter_columns per catalog block
 
 
 def buckets_for(rows: int, bucket_rows: int) -> int:
@@ -210,8 +212,9 @@ def buckets_for(rows: int, bucket_rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, rows / bucket_rows))))
 
 
-def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Plan:
-    """Plan the catalog dataset ``ds`` against ``sources``; runs Ray tasks, returns when planned."""
+def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None) -> Plan:
+    """Plan the catalog dataset ``ds`` against ``sources``; runs Ray tasks, returns when planned.
+    ``filter_columns``: also keep those columns of every catalog block (engine.attributes)."""
     import ray
 
     ds.context.execution_options.preserve_order = True  # catalog order decides which duplicate wins
@@ -222,8 +225,11 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
     n = buckets_for(max(catalog.count(), sources.rows), bucket_rows)
     split = ray.remote(max_calls=TASKS_PER_WORKER)(_split).options(num_returns=n + 1, num_cpus=1)
     pieces: list[list] = [[] for _ in range(n)]
-    rss = []
+    rss, attributes = [], []
+    project = ray.remote(attributes_module.project).options(num_cpus=0.25) if filter_columns else None
     for seq, ref in enumerate(r for bundle in catalog.iter_internal_ref_bundles() for r in bundle.block_refs):
+        if project is not None:
+            attributes.append(project.remote(ref, filter_columns))
         out = split.remote(ref, seq, n)
         rss.append(out[0])
         for i in range(n):
@@ -257,7 +263,8 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int) -> Pla
                 resumed=[o[3] for o, s in zip(outs, summaries) if s["counts"]["resumed"]],
                 peak_rss_mb={"split": split_rss, "bucket": max(s["peak_rss_mb"] for s in summaries)},
                 seconds={"read": round(read_s, 3), "split": round(split_s, 3),
-                         "join": round(time.monotonic() - started - read_s - split_s, 3)})
+                         "join": round(time.monotonic() - started - read_s - split_s, 3)},
+                attributes=attributes)
 
 
 def _split(block: pa.Table, seq: int, n: int) -> tuple:

@@ -45,6 +45,15 @@ def product_id(i: int) -> str:
     return f"fm-{i:05d}"
 
 
+BRANDS = [f"brand-{b:02d}" for b in range(20)]
+
+
+def shop_columns(rng: np.random.Generator) -> dict:
+    """A product's in_stock, brand and price, as the demo's filter columns (index.filter_columns)."""
+    return {"in_stock": bool(rng.random() < 0.8), "brand": BRANDS[min(19, int(rng.zipf(1.6)) - 1)],
+            "price": round(float(rng.lognormal(3.5, 0.6)), 2)}
+
+
 def make_catalog(out_dir: str | os.PathLike, products: int = 2000, seed: int = 0, broken: int = 0,
                  fmt: str = "parquet") -> str:
     """Write ``products`` rendered items (+ ``broken`` deliberately bad rows) and their catalog file.
@@ -59,13 +68,14 @@ def make_catalog(out_dir: str | os.PathLike, products: int = 2000, seed: int = 0
     (out / "images").mkdir(parents=True, exist_ok=True)
     chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:products])
     rows = []
+    shop = np.random.default_rng(seed + 1)  # filter columns: ~80% in stock, 20 brands (skewed), log-normal prices
     for i in chosen:
         path = out / "images" / f"{product_id(i)}.png"
         if not path.exists():
             render(images[i]).save(path, optimize=False)
         label = LABELS[labels[i]]
         rows.append({"product_id": product_id(i), "image_url": path.as_uri(), "category": CATEGORY[label],
-                     "label": label, "updated_at": "2026-11-01T00:00:00Z"})
+                     "label": label, "updated_at": "2026-11-01T00:00:00Z", **shop_columns(shop)})
     for b in range(broken):
         pid = f"broken-{b:03d}"
         path = out / "images" / f"{pid}.png"
@@ -73,7 +83,7 @@ def make_catalog(out_dir: str | os.PathLike, products: int = 2000, seed: int = 0
             data = (out / "images" / f"{product_id(chosen[0])}.png").read_bytes()
             path.write_bytes(data[: len(data) // 3])
         rows.append({"product_id": pid, "image_url": path.as_uri(), "category": "tops",
-                     "label": "broken", "updated_at": "2026-11-01T00:00:00Z"})
+                     "label": "broken", "updated_at": "2026-11-01T00:00:00Z", **shop_columns(shop)})
     table = pa.Table.from_pylist(rows)
     target = out / f"catalog.{fmt}"
     if fmt == "parquet":

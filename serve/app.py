@@ -25,13 +25,15 @@ from engine import detect, imaging, metrics
 from engine.config import Config, ConfigError, ServeConfig
 from engine.index import Location, category_version, merge, summary
 from engine.storage import gcs_options
-from serve import errors, upload
+from serve import errors, filters, upload
 from serve.encoder import Encoder
 from serve.errors import ApiError
 from serve.routing import Routing, call_within, categories, fan_out
 from serve.searcher import Searcher, ShardGroup
 from serve.swap import Swapper
 
+FILTER_HELP = ('only items matching, over index.filter_columns: =, !=, <, <=, >, >=, IN (...), joined by AND; '
+               'e.g. in_stock = true AND price < 100 AND brand IN ("a", "b")')
 api = FastAPI(
     title="Lookalike",
     description="Visual similarity search over a product catalog. Results are best first; "
@@ -83,8 +85,19 @@ class SearchAPI:
         return k
 
     async def _fan_out(self, routing: Routing, categories: list[str], n: int, vector=None,
-                       location: Location | None = None) -> list:
-        return await fan_out(self.searchers, routing, categories, n, vector, location, self.cfg.serve.call_timeout_s)
+                       location: Location | None = None, filter: str | None = None) -> list:
+        return await fan_out(self.searchers, routing, categories, n, vector, location, self.cfg.serve.call_timeout_s,
+                             filter=filter)
+
+    def _filter(self, text: str | None) -> str | None:
+        """The filter, checked here (a 400 that says where) before any searcher sees it."""
+        if text is None or not text.strip():
+            return None
+        try:
+            filters.parse(text, self.cfg.index.filter_columns)
+        except filters.FilterError as exc:
+            raise ApiError(400, str(exc)) from None
+        return text
 
     # -- endpoints
 
@@ -113,10 +126,12 @@ class SearchAPI:
     @api.get("/similar/{product_id:path}")  # ids may hold "/": percent-encoded as %2F
     async def similar(self, request: Request, product_id: str,
                       k: int | None = Query(None, description="number of results"),
-                      category: str | None = Query(None, description="comma-separated; default: the product's own")):
+                      category: str | None = Query(None, description="comma-separated; default: the product's own"),
+                      filter: str | None = Query(None, description=FILTER_HELP)):
         self._authorize(request)
         routing = self._routing()
         k = self._k(k)
+        filter = self._filter(filter)
         found = routing.directory.lookup(product_id)
         if not found:
             raise ApiError(404, f"unknown product_id {product_id!r} in index {routing.version}")
@@ -127,16 +142,18 @@ class SearchAPI:
         if other:
             raise ApiError(400, f"categories {other} are embedded by another model than {product_id!r}'s "
                                 f"{loc.category} vector ({model}); ask for them separately")
-        parts = await self._fan_out(routing, cats or [loc.category], k + 1, location=loc)
+        parts = await self._fan_out(routing, cats or [loc.category], k + 1, location=loc, filter=filter)
         return {"product_id": product_id, "category": loc.category, "index_version": routing.version,
                 "results": merge(parts, k, exclude=product_id)}
 
     @api.post("/search")
     async def search(self, request: Request, k: int | None = Query(None),
-                     category: str | None = Query(None, description="comma-separated; default: all")):
+                     category: str | None = Query(None, description="comma-separated; default: all"),
+                     filter: str | None = Query(None, description=FILTER_HELP)):
         self._authorize(request)
         routing = self._routing()
         k = self._k(k)
+        filter = self._filter(filter)
         cats = categories(routing, category)
         img = await self._image(request)
         detected, scale = [], 1.0
@@ -153,7 +170,7 @@ class SearchAPI:
             for c in searched:
                 per_model.setdefault(self.cfg.embed.version_of(c), []).append(c)
             parts = [h for mv, names in per_model.items()
-                     for h in await self._fan_out(routing, names, k, vector=o["vectors"][mv])]
+                     for h in await self._fan_out(routing, names, k, vector=o["vectors"][mv], filter=filter)]
             if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
                                 "score": o["score"], "alternatives": o["alternatives"], "searched": searched,
@@ -165,7 +182,7 @@ class SearchAPI:
                 by_model.setdefault(category_version(routing.manifest, c), []).append(c)
             vectors = await asyncio.gather(*[self._call(self.encoder.embed.remote(pixels, mv)) for mv in by_model])
             parts = [h for (mv, names), vector in zip(by_model.items(), vectors)
-                     for h in await self._fan_out(routing, names, k, vector=vector)]
+                     for h in await self._fan_out(routing, names, k, vector=vector, filter=filter)]
             objects.append({"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
                             "score": None, "results": merge(parts, k)})
         return {"index_version": routing.version, "detector": self.cfg.detect.detector,

@@ -64,7 +64,7 @@ def _search(searchers: list, group: int, timeout_s: float = CALL_TIMEOUT_S):
 
 
 async def fan_out(searchers: list, routing: Routing, categories: list[str], n: int, vector=None,
-                  location: Location | None = None, timeout_s: float = CALL_TIMEOUT_S) -> list:
+                  location: Location | None = None, timeout_s: float = CALL_TIMEOUT_S, filter: str | None = None) -> list:
     """Per-shard hits for ``categories``, every searcher asked for ``routing.version`` only."""
     groups = sorted({g for c in categories for g in routing.groups_of.get(c, [])})
     answers = []
@@ -72,14 +72,18 @@ async def fan_out(searchers: list, routing: Routing, categories: list[str], n: i
         owner = routing.owner[(location.category, location.shard)]
         first = await _search(searchers, owner, timeout_s)(
             routing.version, categories if owner in groups else [], n,
-            location=(location.category, location.shard, location.position))
+            location=(location.category, location.shard, location.position), filter=filter)
         answers.append(first)
         vector = first["vector"]
         groups = [g for g in groups if g != owner]
     if groups:
         vector = np.asarray(vector, np.float32).tolist()
-        answers += await asyncio.gather(*[_search(searchers, g, timeout_s)(routing.version, categories, n, vector=vector)
+        answers += await asyncio.gather(*[_search(searchers, g, timeout_s)(routing.version, categories, n, vector=vector,
+                                                                           filter=filter)
                                           for g in groups])
+    refused = [a["error"] for a in answers if a.get("error")]
+    if refused:
+        raise ApiError(400, refused[0])
     mixed = {a["version"] for a in answers} - {routing.version}
     if mixed:  # searchers answer from the version asked for; this would be a bug, never a silent mix
         raise ApiError(500, f"searchers answered from {sorted(mixed)} for a {routing.version} request")

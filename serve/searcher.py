@@ -14,7 +14,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from ray import serve
@@ -23,8 +25,11 @@ from engine import publish
 from engine.config import Config
 from engine.index import IndexLoadError, LoadedIndex, Location, prune_cache, read_manifest
 from engine.storage import Storage
+from serve import filters
+from serve.filters import FilterError
 
 log = logging.getLogger("lookalike.serve")
+MASK_CACHE = 64  # filter masks kept per searcher (one bool per item of a shard each)
 
 
 def assign(manifest: dict, groups: int) -> dict[tuple[str, int], int]:
@@ -157,6 +162,7 @@ class ShardGroup:
                                   serve_cfg.cache_dir, serve_cfg.swap_grace_s, serve_cfg.retry_refused_s)
         self.pool = ThreadPoolExecutor(serve_cfg.searcher_threads, thread_name_prefix=f"annoy-{group}")
         self.latest: str | None = None
+        self.masks: OrderedDict = OrderedDict()  # (version, category, shard, filter) -> bool mask
         self._poll()  # a fresh replica starts warm on LATEST
         threading.Thread(target=self._watch, name=f"searcher-{group}-watch", daemon=True).start()
 
@@ -200,21 +206,46 @@ class ShardGroup:
             self.store.release(version)
 
     async def search(self, version: str, categories: list[str], n: int, vector: list[float] | None = None,
-                     location: tuple[str, int, int] | None = None) -> dict:
+                     location: tuple[str, int, int] | None = None, filter: str | None = None) -> dict:
         """Top-n of every shard of ``categories`` in this group, from ``version`` only.
 
         With ``location`` (a shard of this group) the query vector is that item's, and is returned
-        so the ingress can ask the other groups.
+        so the ingress can ask the other groups. With ``filter`` (serve.filters) only matching
+        items are answered, still n of them when n match; a filter this version cannot apply
+        comes back as ``error`` (the ingress answers 400).
         """
         loop = asyncio.get_running_loop()
         async with self._using(version) as index:
             if location is not None:
                 vector = index.vector(Location(*location)).tolist()
             shards = [s for c in categories for s in index.categories.get(c, [])]
-            parts = await asyncio.gather(*[loop.run_in_executor(self.pool, s.search, vector, n) for s in shards])
+            try:
+                keeps = [self._keep(version, s, filter) for s in shards] if filter else [None] * len(shards)
+            except FilterError as exc:
+                return {"version": version, "group": self.group, "vector": None, "hits": [], "error": str(exc)}
+            parts = await asyncio.gather(*[loop.run_in_executor(self.pool, partial(s.search, vector, n, keep=keep))
+                                           for s, keep in zip(shards, keeps)])
         hits = [(s.category, ids, np.asarray(scores).tolist()) for s, (ids, scores) in zip(shards, parts)]
         return {"version": version, "group": self.group, "vector": vector if location is not None else None,
                 "hits": hits}
+
+    def _keep(self, version: str, shard, text: str) -> np.ndarray:
+        """The filter's mask over one shard, from a small LRU (a popular filter is one lookup)."""
+        key = (version, shard.category, shard.number, text)
+        mask = self.masks.get(key)
+        if mask is not None:
+            self.masks.move_to_end(key)
+            return mask
+        if shard.attrs is None:
+            raise FilterError(f"filter: index version {version} has no filter columns for {shard.category}")
+        columns = getattr(shard, "filter_columns", None)
+        if columns is None:
+            columns = shard.filter_columns = filters.Columns(shard.attrs)
+        mask = columns.mask(filters.parse(text, self.cfg.index.filter_columns))
+        self.masks[key] = mask
+        while len(self.masks) > MASK_CACHE:
+            self.masks.popitem(last=False)
+        return mask
 
     def loaded(self) -> dict:
         return {"group": self.group, "loaded": sorted(self.store.loaded), "latest": self.latest,

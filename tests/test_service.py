@@ -183,3 +183,37 @@ def test_openapi_docs(service):
     assert {"/similar/{product_id}", "/search", "/healthz", "/version"} <= set(spec["paths"])
     with urllib.request.urlopen(base + "/docs") as resp:
         assert resp.status == 200
+
+
+def test_filters_restrict_similar_and_search_exactly(service, catalog):
+    base, cfg, _ = service
+    ok = lambda r: r["in_stock"] is True and r["price"] is not None and r["price"] < 40  # noqa: E731
+    matching = [p for p, r in catalog.items() if ok(r) and p.startswith("fm-")]
+    assert 20 < len(matching) < len(catalog) * 0.6  # a real restriction, with k to spare
+    expr = urllib.parse.quote("in_stock = true AND price < 40")
+    for pid in [p for p in sorted(catalog) if p.startswith("fm-")][:12]:
+        status, plain = call("GET", f"{base}/similar/{pid}?k=10")
+        status, body = call("GET", f"{base}/similar/{pid}?k=10&filter={expr}")
+        assert status == 200, body
+        same = [p for p in matching if catalog[p]["category"] == body["category"] and p != pid]
+        assert len(body["results"]) == min(10, len(same)), body  # k whenever k match
+        assert all(ok(catalog[r["product_id"]]) for r in body["results"])
+    brand = catalog[matching[0]]["brand"]
+    status, body = call("GET", f"{base}/similar/{matching[0]}?k=5&filter=" +
+                        urllib.parse.quote(f"brand IN ('{brand}', 'nobody') AND in_stock != false"))
+    assert status == 200 and all(catalog[r["product_id"]]["brand"] == brand for r in body["results"])
+    status, body = call("POST", f"{base}/search?k=8&filter={expr}", image_bytes(catalog, matching[1]))
+    assert status == 200, body
+    assert all(ok(catalog[r["product_id"]]) for o in body["objects"] for r in o["results"])
+    assert matching[1] in [r["product_id"] for r in body["objects"][0]["results"]]
+
+
+@pytest.mark.parametrize("expr,needle", [("colour = 'red'", "unknown column 'colour'"),
+                                         ("price < 'x'", "'price' is float"),
+                                         ("price < 10 price", "position 11"),
+                                         ("(" * 3000, "limit is 2000")])
+def test_a_bad_filter_is_a_400_that_says_where(service, catalog, expr, needle):
+    base, _, _ = service
+    pid = next(p for p in sorted(catalog) if p.startswith("fm-"))
+    status, body = call("GET", f"{base}/similar/{pid}?filter={urllib.parse.quote(expr)}")
+    assert status == 400 and needle in body["error"], body
