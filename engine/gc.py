@@ -46,6 +46,8 @@ def _references(storage: Storage, line: str, versions: list[str]) -> set[tuple[s
     for v in versions:
         m = storage.read_json("indexes", line, v, MANIFEST)
         out |= {(owner(m, c), c) for c in m.get("categories", {})}
+        out |= {(e["version"], c) for c, entry in m.get("categories", {}).items() for e in entry["shards"]
+                if e.get("version")}  # delta shards (engine/delta.py) live in their own version's folder
     return out
 
 
