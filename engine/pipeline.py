@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import (catalog, compact, download, features, gc, index, manifest, metrics, notify, plan, publish, raycluster,
-                    validate)
+from engine import (catalog, compact, delta, download, features, gc, index, manifest, metrics, notify, plan, publish,
+                    raycluster, tombstones, validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -117,13 +117,15 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work:
 REJECT_COLUMNS = tuple(plan.REJECT_SCHEMA.names)
 
 
-def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str) -> plan.Plan:
-    """The run's plan: the catalog joined with the stored state (engine.plan)."""
+def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
+              gone: pa.Table | None = None) -> plan.Plan:
+    """The run's plan: the catalog joined with the stored state (engine.plan); ``gone``: deletes
+    (engine.tombstones) folded in, so those products leave unless the catalog brings them back changed."""
     sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
-    return plan.make(catalog.read(cfg.source, storage_options=storage.options), sources, settings,
-                     cfg.plan.bucket_rows)
+    ds = catalog.read(cfg.source, storage_options=storage.options)
+    return plan.make(tombstones.fold(ds, gone) if gone is not None else ds, sources, settings, cfg.plan.bucket_rows)
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:
@@ -235,17 +237,22 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
-           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None) -> None:
+           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
+           seen: list[str] | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
     ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
-    rows that leave; ``min_small``: see compact.choose. Every step writes new things before anything refers to them, and deletes only
+    rows that leave; ``min_small``: see compact.choose; ``seen``: the base's tombstone files the plan folded. Every step writes new things before anything refers to them, and deletes only
     after publish what no kept version refers to, so a crash anywhere is finished by the next run.
     """
     mv = cfg.embed.model_version
     base_version = base.version if base.version and manifest.exists(storage, mv, base.version) else None
     changed = set(added.column("category").to_pylist()) | set(removed.column("category").to_pylist())
+    previous = index.read_manifest(storage, mv, base_version) \
+        if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
+    if previous is not None:  # lookalike update/delete since: merge (rebuild) or carry (engine/delta.py)
+        changed |= delta.to_rebuild(storage, previous, cfg.index.rebuild_fraction)
     with report.stage("compact"):
         state = manifest.apply(before, added, removed)
         base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
@@ -256,8 +263,6 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
         meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
     report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
-        previous = index.read_manifest(storage, mv, base_version) \
-            if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed)
     report.data["index_build"] = built["build"]
     report.data["index_version"] = version
@@ -268,6 +273,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
         raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]), report.data)
     with report.stage("publish"):
         report.data["publish"] = publish.publish(storage, mv, version, cfg.storage.keep_versions, expected=base)
+        if seen is not None:  # deletes written to the old version while this run worked
+            report.data["publish"]["late_deletes_carried"] = tombstones.carry(storage, mv, base.version, version, seen)
     with report.stage("gc"):
         report.data["gc"] = gc.collect(storage, mv, cfg.storage.keep_versions)
     report.data["index_uri"] = storage.uri(*index.version_prefix(mv, version))
@@ -279,6 +286,13 @@ def _unchanged(counts: dict) -> bool:
     Rows rejected again (a URL still dead) do not count as change; they are retried every run.
     """
     return counts["ok"] == 0 and counts["removed"] == 0 and counts["duplicates"] == 0
+
+
+def _folding(storage: Storage, mv: str, base: publish.Pointer, cfg: Config) -> bool:
+    """The published version has deltas or tombstones a run must merge, even if the catalog is unchanged."""
+    if not base.version or not storage.exists(*index.version_prefix(mv, base.version), index.MANIFEST):
+        return False
+    return delta.pending(storage, index.read_manifest(storage, mv, base.version), cfg.index.rebuild_fraction)
 
 
 def _plan_throughput(report: Report, change) -> None:
@@ -306,12 +320,15 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
                        raycluster.gpus_available() if device == "cuda" else 0.0)
             report.data["device"] = device
             base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
+            seen = tombstones.names(storage, mv, base.version) if base.version else []
+            gone = tombstones.deletes(tombstones.read(storage, mv, base.version, only=seen)) if seen else None
         with report.stage("plan"):
             detect_version = cfg.detect.signature()  # hashes the detector's weights: once a run
-            change = make_plan(cfg, storage, run_id, detect_version)
+            change = make_plan(cfg, storage, run_id, detect_version, gone)
+            report.data["plan"] = {"deletes_folded": gone.num_rows if gone is not None else 0}
             start_counts(report, change)
             report.data["known_features"] = change.counts.get("state_rows", 0)
-            report.data["plan"] = {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
+            report.data["plan"] |= {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
                                    "peak_rss_mb": change.peak_rss_mb, "seconds": change.seconds}
             _plan_throughput(report, change)
         work = change.counts.get("work", 0)
@@ -333,13 +350,14 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         if counts["indexed"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         check_reject_ratio(report.data, cfg.download.max_reject_ratio)
-        if not cfg.plan.publish_unchanged and _unchanged(counts) and not change.counts.get("resumed"):
+        if not cfg.plan.publish_unchanged and _unchanged(counts) and not change.counts.get("resumed") \
+                and not _folding(storage, mv, base, cfg):
             report.data["index_version"] = publish.latest(storage, mv)
             report.finish("unchanged")
             return report.data
         resumed, removed = _change(change)
         _, before = base_state(storage, mv, base)
-        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed)
+        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed, seen=seen)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:

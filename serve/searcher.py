@@ -23,6 +23,7 @@ from engine import publish
 from engine.config import Config
 from engine.index import IndexLoadError, LoadedIndex, Location, prune_cache, read_manifest
 from engine.storage import Storage
+from serve.fresh import Fresh
 
 log = logging.getLogger("lookalike.serve")
 
@@ -157,7 +158,9 @@ class ShardGroup:
                                   serve_cfg.cache_dir, serve_cfg.swap_grace_s, serve_cfg.retry_refused_s)
         self.pool = ThreadPoolExecutor(serve_cfg.searcher_threads, thread_name_prefix=f"annoy-{group}")
         self.latest: str | None = None
+        self.fresh = Fresh(self.store.storage, self.store.model_version, serve_cfg.poll_interval_s)  # tombstones
         self._poll()  # a fresh replica starts warm on LATEST
+        self.fresh.start(lambda: [self.latest, self.store.last_asked])
         threading.Thread(target=self._watch, name=f"searcher-{group}-watch", daemon=True).start()
 
     def _poll(self) -> None:
@@ -185,6 +188,7 @@ class ShardGroup:
             index = self.store.load(version)
         except IndexLoadError as exc:
             return {"ok": False, "group": self.group, "version": version, "error": str(exc)}
+        self.fresh.refresh(version)  # its tombstones before it is switched to
         return {"ok": True, "group": self.group, "version": version,
                 "shards": sorted(f"{c}/{n}" for c, n in index.shards), "items": sum(index.counts().values())}
 
@@ -211,7 +215,9 @@ class ShardGroup:
             if location is not None:
                 vector = index.vector(Location(*location)).tolist()
             shards = [s for c in categories for s in index.categories.get(c, [])]
-            parts = await asyncio.gather(*[loop.run_in_executor(self.pool, s.search, vector, n) for s in shards])
+            dead = self.fresh.get(version)
+            parts = await asyncio.gather(*[loop.run_in_executor(self.pool, s.search, vector, n, None, dead.mask(s))
+                                           for s in shards])
         hits = [(s.category, ids, np.asarray(scores).tolist()) for s, (ids, scores) in zip(shards, parts)]
         return {"version": version, "group": self.group, "vector": vector if location is not None else None,
                 "hits": hits}
