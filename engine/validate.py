@@ -137,9 +137,9 @@ def check_category(root, manifest: dict, category: str, m: int, seed: int, cache
     with tempfile.TemporaryDirectory() as tmp:
         shards = []
         try:
-            params, prefix = category_params(manifest, category), shard_prefix(manifest, category)
+            params = category_params(manifest, category)
             for e in entry["shards"]:
-                shards.append(Shard.load(storage, prefix, category, e, manifest["dim"], params, cache_dir or tmp))
+                shards.append(Shard.load(storage, shard_prefix(manifest, category, e), category, e, manifest["dim"], params, cache_dir or tmp))
         except IndexLoadError as exc:
             out["load"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a corrupt file is a failed check, not a crash
