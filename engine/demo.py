@@ -126,10 +126,15 @@ def upload_example(base: str, image_path: str) -> dict:
     return answer
 
 
+DEMO_FILTERS = 'index.filter_columns={"in_stock": "bool", "brand": "string", "price": "float"}'
+
+
 def run(products: int = 2000, keep_serving: bool = False, config_path: str | None = None,
         overrides: list[str] | None = None, queries: int = QUERIES, broken: int = 2) -> dict:
     """The whole demo; returns the summary (the CLI prints it as the last line, as JSON)."""
     t0 = time.monotonic()
+    if not any(o.startswith("index.filter_columns") for o in overrides or []):
+        overrides = [DEMO_FILTERS, *(overrides or [])]  # the demo catalog has them (engine.sample.shop_columns)
     cfg: Config = config.load(config_path, overrides)
     catalog_path = cfg.source.path
     print(f"[1/4] sample catalog: {products} Fashion-MNIST products (+{broken} broken rows) -> {catalog_path}",
