@@ -249,7 +249,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     changed = set(pc.unique(added.column("category")).to_pylist()) | set(pc.unique(removed.column("category")).to_pylist())
     with report.stage("compact"):
         state, meta = commit_manifest(storage, cfg, report, version, base_version, before, added, removed, min_small)
-    del before
+    del before  # the caller passes it without keeping it: the old state is freed before the index build
+    report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
         previous = index.read_manifest(storage, mv, base_version) \
             if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
@@ -280,9 +281,9 @@ def commit_manifest(storage: Storage, cfg: Config, report: Report, version: str,
     state = manifest.apply(before, added, removed)
     base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
     files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
-    state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
-                                                       min_small)
-    written = report.data["compaction"].pop("written", [])
+    state, stats = compact.compact(storage, state, files, cfg.features.target_file_mb, version, min_small)
+    written = stats.pop("written", [])
+    report.data["compaction"] = stats
     moved = state.filter(pc.is_in(state.column("file"), value_set=pa.array(written, pa.string()))).column("product_id")
     touched = pa.chunked_array([c for col in (added.column("product_id"), removed.column("product_id"), moved)
                                 for c in col.chunks], pa.string())
@@ -356,9 +357,8 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.finish("unchanged")
             return report.data
         resumed, removed = _change(change)
-        _, before = base_state(storage, mv, base)
-        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed,
-               attributes=change.attributes)
+        finish(cfg, storage, report, run_id, base, base_state(storage, mv, base)[1],
+               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
