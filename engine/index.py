@@ -13,7 +13,6 @@ runs as many builds at once as it has memory for, never more.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from engine import features
 from engine.config import IndexConfig
-from engine.storage import Storage
+from engine.storage import Storage, sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -49,14 +48,6 @@ log = logging.getLogger(__name__)
 
 def version_prefix(model_version: str, index_version: str) -> tuple[str, str, str]:
     return ("indexes", model_version, index_version)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def score_from_distance(distance, metric: str):
@@ -387,14 +378,8 @@ def read_attrs(storage: Storage, model_version: str, category: str, entry: dict,
     """A shard's filter columns in Annoy order (None when the version has none)."""
     if not entry.get("attrs"):
         return None
-    path = local_copy(storage, cache_dir, attrs_parts(model_version, category, entry),
-                      entry["attrs_sha256"] if verify else None)
-    if verify and storage.is_local and sha256(path) != entry["attrs_sha256"]:
-        raise IndexLoadError(f"{category}/{entry['attrs']}: checksum mismatch (corrupt or truncated file)")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a load failure
-        raise IndexLoadError(f"{category}/{entry['attrs']}: unreadable filter columns: {exc}") from None
+    table = _side_table(storage, cache_dir, attrs_parts(model_version, category, entry), entry["attrs_sha256"],
+                        verify, "filter columns")
     if table.num_rows != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['attrs']}: {table.num_rows} rows, manifest says {entry['count']}")
     return table
@@ -435,17 +420,25 @@ def model_mismatch(manifest: dict, embed_cfg) -> dict[str, tuple[str, str]]:
             if category_version(manifest, c) != embed_cfg.version_of(c)}
 
 
+def _side_table(storage: Storage, cache_dir: str, parts: tuple, sha: str, verify: bool, what: str) -> pa.Table:
+    """A shard's side file (id map, filter columns): fetched, checksummed and read, or IndexLoadError."""
+    name = "/".join(parts[-2:])
+    path = local_copy(storage, cache_dir, parts, sha if verify else None)
+    if verify and storage.is_local and sha256(path) != sha:
+        raise IndexLoadError(f"{name}: checksum mismatch (corrupt or truncated file)")
+    try:
+        return pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable side file is a load failure
+        raise IndexLoadError(f"{name}: unreadable {what}: {exc}") from None
+
+
 def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
              verify: bool = True) -> tuple[pa.Array, pa.Array]:
     """A shard's (product ids, own flags); id maps written before objects have no flags: all own."""
-    path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]), entry["ids_sha256"] if verify else None)
-    if verify and storage.is_local and sha256(path) != entry["ids_sha256"]:
-        raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
-    try:
-        table = pq.read_table(path)
-        ids = table.column("product_id").combine_chunks()
-    except Exception as exc:  # noqa: BLE001 - any unreadable id map is a load failure
-        raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: {exc}") from None
+    table = _side_table(storage, cache_dir, prefix + (category, entry["ids"]), entry["ids_sha256"], verify, "id map")
+    if "product_id" not in table.column_names:
+        raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: no product_id column")
+    ids = table.column("product_id").combine_chunks()
     if len(ids) != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: {len(ids)} ids, manifest says {entry['count']}")
     flags = table.column("own").combine_chunks() if "own" in table.column_names else pa.array([True] * len(ids))
