@@ -152,7 +152,10 @@ class DetectConfig(_Section):
                           "(python -m engine.detector train)")
     score_threshold: float = Field(0.3, ge=0, le=1)
     max_objects: int = Field(10, ge=1, le=100)
-    box_padding: float = Field(0.1, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    box_padding: float = Field(0.0, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    crop_backdrop: Literal["white", "as_is"] = Field(
+        "white", description="white: a crop's backdrop (the median colour of its border) is scaled to white, as "
+        "catalog product shots are; as_is: the crop as cut")
     labels: dict[str, str] = Field(default_factory=dict, description="detector label -> catalog category "
                                    "(tops, bottoms, dresses, shoes, bags for the shipped detector); unmapped: as is")
     catalog: bool = Field(True, description="detect objects in catalog images too (the pipeline's detect "
@@ -196,8 +199,9 @@ class DetectConfig(_Section):
             import hashlib
 
             name += "-" + hashlib.sha1((PACKAGE_DIR / "weights" / "detector-outfits-v1.pt").read_bytes()).hexdigest()[:8]
-        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.whole_photo_share}|"
-                f"{self.index_objects}|{self.image_size}|" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.crop_backdrop}|"
+                f"{self.whole_photo_share}|{self.index_objects}|{self.image_size}|"
+                + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
 
 
 class CategoryModel(_Section):
