@@ -164,3 +164,35 @@ def test_vectors_outlive_close(published):
     ids, vecs = ix.vectors(ix.categories[0])
     ix.close()
     assert float(np.linalg.norm(vecs[0])) > 0 and len(ids) == len(vecs)
+
+
+def test_the_same_answers_from_gcs_with_a_cache_removed_on_close(published, gcs_emulator, tmp_path):
+    """The published store copied to the GCS emulator: shards are copied to a temporary cache (Annoy
+    maps local files), answers equal the local store's, and close() removes the cache."""
+    import os
+    import uuid
+
+    cfg, rep = published
+    local = Storage(cfg.storage.root)
+    remote = Storage(f"{gcs_emulator.make_bucket('api-' + uuid.uuid4().hex[:6])}/store", gcs_emulator.options())
+    for top in ("indexes", "runs"):
+        base = local.path(top)
+        for folder, _, names in os.walk(base):
+            for name in names:
+                rel = os.path.relpath(os.path.join(folder, name), local.path()).split(os.sep)
+                remote.put_file(os.path.join(folder, name), *rel)
+    with api.open_index(str(cfg.storage.root)) as here:
+        pid = here.vectors(here.categories[0])[0][3].as_py()
+        expected, counts = here.neighbours(pid, k=5), here.counts()
+    ix = api.open_index(remote.root, storage_options=remote.options)
+    cache = ix._own_cache
+    try:
+        assert ix.version == rep["index_version"] and ix.counts() == counts
+        assert ix.neighbours(pid, k=5) == expected
+        assert cache and any(n.endswith(".ann") for _, _, names in os.walk(cache) for n in names)
+    finally:
+        ix.close()
+    assert not os.path.exists(cache)
+    assert api.read_report(remote.root, storage_options=remote.options).to_pylist() == \
+        api.read_report(cfg.storage.root).to_pylist()
+    assert api.read_rejects(remote.root, storage_options=remote.options).equals(api.read_rejects(cfg.storage.root))
