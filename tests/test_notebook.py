@@ -1,8 +1,10 @@
 """notebooks/explore.ipynb, executed (nbclient) on a demo store: it runs, and shows what it says.
 
-The store is the demo's Fashion-MNIST catalog with most products in one category ("tops", 600+), so
-that category spans more than one Annoy leaf (dim + 2 items) and search_k visibly matters; plus the
-demo's broken rows and the malformed ones, so there are rejects by reason."""
+The store is what `lookalike demo --products 600 --set embed.dim=64` leaves (the demo's Fashion-MNIST
+catalog through the pipeline, its broken rows, plus the malformed rows of tests/conftest.py, so there
+are rejects of several reasons). At 64-d an Annoy leaf holds 66 items, so the demo's bigger
+categories span many leaves and search_k visibly matters (at 512-d a 600-product demo is one leaf
+per tree: exact at any search_k)."""
 import json
 import os
 from pathlib import Path
@@ -15,25 +17,19 @@ from conftest import MALFORMED, make_config
 from engine import api, sample
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb"
-OTHERS = 12  # products kept of each category but tops
+PRODUCTS, DIM = 600, 64
 
 
 @pytest.fixture(scope="module")
 def store(ray_cluster, tmp_path_factory):
     from engine import pipeline
 
-    path = sample.make_catalog(tmp_path_factory.mktemp("nb-catalog"), 1500, broken=2)
+    path = sample.make_catalog(tmp_path_factory.mktemp("nb-catalog"), PRODUCTS, broken=2)
     table = pq.read_table(path)
-    kept, seen = [], {}
-    for row in table.to_pylist():
-        cat = row["category"]
-        if cat == "tops" or row["label"] == "broken" or seen.get(cat, 0) < OTHERS:
-            kept.append(row)
-            seen[cat] = seen.get(cat, 0) + 1
-    kept += [{**row, "updated_at": "2026-11-01T00:00:00Z"} for row in MALFORMED]
-    pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), path)
-    root = tmp_path_factory.mktemp("nb-store")
-    cfg = make_config(path, root)
+    extra = pa.Table.from_pylist([{**row, "updated_at": "2026-11-01T00:00:00Z"} for row in MALFORMED],
+                                 schema=table.schema)
+    pq.write_table(pa.concat_tables([table, extra]), path)
+    cfg = make_config(path, tmp_path_factory.mktemp("nb-store"), f"embed.dim={DIM}")
     return cfg, pipeline.run(cfg), path
 
 
@@ -87,7 +83,7 @@ def test_executing_it_shows_neighbours_map_recall_and_rejects(store, executed):
 
     # the map: the biggest category, its four fine labels, principal components in order
     pca = results["pca"]
-    assert pca["category"] == "tops" and pca["items"] == tops > 512 + 2
+    assert pca["category"] == "tops" and pca["items"] == tops > DIM + 2  # more than one leaf
     assert pca["labels"] == sorted({labels[p] for p, r in labels.items() if r in ("Coat", "Pullover", "Shirt", "T-shirt/top")})
     assert 1 > pca["explained"][0] >= pca["explained"][1] > 0
     assert pca["centroid_accuracy"] > 1 / len(pca["labels"])  # two dimensions keep some label structure
@@ -97,7 +93,7 @@ def test_executing_it_shows_neighbours_map_recall_and_rejects(store, executed):
     ks = sorted(curve)
     assert ks[0] == 10 and ks[-1] == params["n_trees"] * tops
     assert all(curve[a] <= curve[b] + 1e-9 for a, b in zip(ks, ks[1:])), curve
-    assert curve[ks[0]] < curve[ks[-1]] == 1.0, curve
+    assert curve[ks[0]] < 0.95 and curve[ks[-1]] == 1.0, curve
     assert f"search_k {ks[0]:>7}: recall@10 {curve[ks[0]]:.4f}" in text
 
     # the last run's rejects by reason: the run's own count
