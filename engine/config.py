@@ -315,6 +315,20 @@ class FeaturesConfig(_Section):
                                   "this size and rewrites files under half of it or mostly dead")
 
 
+IAP_CERTS_URL = "https://www.gstatic.com/iap/verify/public_key-jwk"
+# What IAP signs for a backend service (GKE Ingress / Gateway) or an App Engine app.
+IAP_AUDIENCE = r"^/projects/[^/\s]+/(global/backendServices/[^/\s]+|apps/[^/\s]+)$"
+
+
+class IapConfig(_Section):
+    """Google's Identity-Aware Proxy in front of the service (serve.auth: iap, serve/auth.py)."""
+    audience: Optional[str] = Field(None, description="/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID; "
+                                    "required with serve.auth: iap")
+    certs_url: str = Field(IAP_CERTS_URL, description="IAP's public keys (a JWK set, or kid -> PEM)")
+    keys_ttl_s: float = Field(3600.0, gt=0, le=86400, description="fetched keys are reused this long")
+    clock_skew_s: float = Field(30.0, ge=0, le=300, description="leeway on the assertion's iat and exp")
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -334,6 +348,9 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, ingress and searchers")
     swap_grace_s: float = Field(30.0, ge=0, description="an index version replaced this long ago and idle is unloaded")
     retry_refused_s: float = Field(300.0, gt=0, description="a refused index version is tried again after this")
+    auth: Literal["token", "iap"] = Field("token", description="token: the bearer token of auth_token_env (none when "
+                                          "unset); iap: the signed header of Google's Identity-Aware Proxy")
+    iap: IapConfig = Field(default_factory=IapConfig)
     auth_token_env: Optional[str] = Field(None, description="env var holding a bearer token; None: no auth")
     allow_anonymous: bool = Field(False, description="allow a non-loopback host without auth_token_env")
     decode_threads: int = Field(2, ge=1, description="threads decoding uploads, off the event loop")
@@ -348,6 +365,16 @@ class ServeConfig(_Section):
     def _limits(self):
         if self.default_k > self.max_k:
             raise ValueError(f"serve.default_k ({self.default_k}) must not exceed serve.max_k ({self.max_k})")
+        if self.auth == "iap":
+            if not self.iap.audience:
+                raise ValueError("serve.iap.audience is required with serve.auth: iap "
+                                 "(/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID)")
+            if not re.match(IAP_AUDIENCE, self.iap.audience):
+                raise ValueError(f"serve.iap.audience {self.iap.audience[:120]!r} is not an IAP audience: "
+                                 "/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID")
+            if self.auth_token_env:
+                raise ValueError("serve.auth_token_env is not used with serve.auth: iap (IAP signs every request); "
+                                 "remove one of them")
         return self
 
     @property
@@ -427,9 +454,10 @@ class Config(_Section):
         if self.notify.environment == "prod" and self.download.user_agent == UA_PLACEHOLDER:
             raise ValueError("download.user_agent is still the placeholder: in prod, name a contact URL image "
                              "owners can reach you at")
-        if not self.serve.loopback and not self.serve.auth_token_env and not self.serve.allow_anonymous:
+        if not self.serve.loopback and not self.serve.auth_token_env and self.serve.auth != "iap" \
+                and not self.serve.allow_anonymous:
             raise ValueError(f"serve.host {self.serve.host} is not a loopback address: set serve.auth_token_env "
-                             "(a bearer token) or, to serve anyone, serve.allow_anonymous: true")
+                             "(a bearer token), serve.auth: iap or, to serve anyone, serve.allow_anonymous: true")
         path = self.source.path
         if self.source.kind == "files" and path and "://" not in path:
             folder = os.path.dirname(os.path.abspath(path))

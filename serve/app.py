@@ -13,7 +13,6 @@ searcher call, so a response never mixes versions and says which one it came fro
 
 import asyncio
 import hashlib
-import hmac
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from engine import detect, imaging, metrics
 from engine.config import Config, ConfigError, ServeConfig
 from engine.index import Location, category_version, merge, summary
 from engine.storage import gcs_options
-from serve import errors, filters, upload
+from serve import auth, errors, filters, upload
 from serve.encoder import Encoder
 from serve.errors import ApiError
 from serve.routing import Routing, call_within, categories, fan_out
@@ -50,7 +49,7 @@ class SearchAPI:
     def __init__(self, encoder, searchers: list, cfg: dict, auth_sha256: str | None = None):
         self.cfg = Config.model_validate(cfg)
         self.encoder, self.searchers = encoder, searchers or [ShardGroup(self.cfg, 0, 1)]
-        self.auth_sha256 = auth_sha256
+        self.auth = auth.Authorizer(self.cfg.serve, auth_sha256)  # serve.auth: token or iap (serve/auth.py)
         self.swapper = Swapper(self.cfg, self.searchers, self.cfg.serve.searcher_replicas)
         self.decoders = ThreadPoolExecutor(self.cfg.serve.decode_threads, thread_name_prefix="decode")
         self.pending = 0  # uploads decoding or waiting to; bounded by serve.max_pending_uploads
@@ -58,13 +57,7 @@ class SearchAPI:
     # -- request plumbing
 
     def _authorize(self, request: Request) -> None:
-        if not self.auth_sha256:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not token.strip() or not hmac.compare_digest(digest, self.auth_sha256):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+        self.auth.check(request.headers)
 
     def _routing(self) -> Routing:
         routing = self.swapper.active
@@ -216,7 +209,7 @@ class SearchAPI:
 def auth_digest(serve_cfg: ServeConfig) -> str | None:
     """sha256 of the bearer token named by ``serve.auth_token_env``; replicas get the digest, never the token."""
     name = serve_cfg.auth_token_env
-    if not name:
+    if not name or serve_cfg.auth != "token":
         return None
     token = os.environ.get(name, "").strip()
     if not token:
