@@ -101,7 +101,7 @@
       case 0: return "Could not reach the search service. Is it running?";
       case 400: return said || "The request was refused (400).";
       case 401: return "This service needs an API token: open \u201cAPI token\u201d under the options, paste it and try again.";
-      case 404: return said.startsWith("unknown product_id") ? "No such product in this index: " + said.replace(/^unknown product_id /, "") : said || "Not found.";
+      case 404: return said.startsWith("unknown product_id") ? "No such product: " + said.replace(/^unknown product_id /, "") : said || "Not found.";
       case 413: return "That photo is too large for this service (" + said + "). Try a smaller one.";
       case 415: return "That file is not an image the service can read (JPEG, PNG, WebP, GIF, BMP or TIFF).";
       case 422: return "The service could not read the request: " + (said || "malformed") + ".";
@@ -249,6 +249,9 @@
     const results = $("results");
     results.replaceChildren(entry.kind === "search" ? renderSearch(entry.data, entry.photo) : renderSimilar(entry.data));
     current = entry;
+    results.focus({ preventScroll: true });
+    if (window.matchMedia("(max-width: 760px)").matches) $("message").scrollIntoView({ block: "start" });
+    else if (entry.kind === "similar") window.scrollTo(0, 0);
   }
 
   function remember(entry, push, url) {
@@ -269,8 +272,6 @@
       show(entry);
       $("product").value = id;
       say(data.results.length + " lookalikes of " + (data.title || id) + " (index " + data.index_version + ")");
-      window.scrollTo(0, 0);
-      $("results").focus({ preventScroll: true });
     } catch (err) {
       say(explain(err), "error");
     }
@@ -291,7 +292,6 @@
       const n = data.objects.reduce((a, o) => a + o.results.length, 0);
       say(data.objects.length + " item" + (data.objects.length === 1 ? "" : "s") + " searched, " + n +
         " lookalikes (index " + data.index_version + ")");
-      $("results").focus({ preventScroll: true });
     } catch (err) {
       say(explain(err), "error");
     }
