@@ -186,9 +186,9 @@ def resolve(cfg: SourceConfig, required: list[str], optional: tuple = ()) -> Pla
     wanted = {cfg.columns.get(f, f): f for f in required}
     for extra in cfg.extra_columns:
         wanted.setdefault(extra, extra)
-    for name in optional:
-        if cfg.columns.get(name, name) in have:
-            wanted.setdefault(cfg.columns.get(name, name), name)
+    for column in optional:
+        if cfg.columns.get(column, column) in have:
+            wanted.setdefault(cfg.columns.get(column, column), column)
     missing = [f"{fieldname} (column {col!r})" if col != fieldname else repr(col)
                for col, fieldname in wanted.items() if col not in have]
     if missing:

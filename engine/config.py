@@ -443,9 +443,11 @@ class Config(_Section):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on ``base``, mappings merged key by key; an empty mapping replaces (``filter_columns: {}``
+    in an overlay means none, not the base's)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
