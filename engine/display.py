@@ -73,6 +73,13 @@ class Sources:
     since: str | None = None
     until: str | None = None
 
+    def complete(self, state: pa.Table, base: dict | None, model_version: str, version: str) -> "Sources":
+        """Called by engine.index.build_version (which must not import this module)."""
+        return complete(self, state, base, model_version, version)
+
+    def write(self, root, prefix: tuple, categories: dict[str, dict]) -> None:
+        write(root, prefix, categories, self)
+
 
 def complete(sources: Sources, state: pa.Table, base: dict | None, model_version: str, version: str) -> Sources:
     """``sources`` with the new state's content keys and the previous version's display files."""
@@ -166,12 +173,6 @@ def write(root, prefix: tuple, categories: dict[str, dict], sources: Sources) ->
         jobs.append((category, task.remote(root, prefix, category, ids_parts, sources)))
     for category, ref in jobs:
         categories[category] = {**categories[category], "display": ray.get(ref)}
-
-
-def cached_files(manifest: dict) -> set[str]:
-    """Cache paths (relative to the cache dir) of a version's display files."""
-    return {"/".join(p) for c, e in manifest["categories"].items()
-            if (p := parts_of(manifest["model_version"], c, e))}
 
 
 class Display:

@@ -267,9 +267,7 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
 
         attrs.write(root, prefix, categories, attributes or [], cfg.filter_columns)
     if display is not None:  # None (compaction, synthetic stores): reused entries keep theirs
-        from engine import display as shown
-
-        shown.write(root, prefix, categories, display)
+        display.write(root, prefix, categories)
     manifest = {
         "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
@@ -308,9 +306,7 @@ def build_version(root, model_version: str, index_version: str, state: pa.Table,
     here with the state's content keys and ``base``'s display files."""
     storage = Storage.of(root)
     if display is not None:
-        from engine import display as shown
-
-        display = shown.complete(display, state, base, model_version, index_version)
+        display = display.complete(state, base, model_version, index_version)
     table = state.select(["category", "model_version", "file", "row"]).sort_by(
         [("category", "ascending"), ("file", "ascending"), ("row", "ascending")])
     cats = table.column("category").to_numpy(zero_copy_only=False)
@@ -386,13 +382,9 @@ def cached_files(manifest: dict) -> set[str]:
     return {"/".join(shard_prefix(manifest, cat) + (cat, e[k])) for cat, entry in manifest["categories"].items()
             for e in entry["shards"] for k in ("index", "ids")} | {
         "/".join(attrs_parts(manifest["model_version"], cat, e)) for cat, entry in manifest["categories"].items()
-        for e in entry["shards"] if e.get("attrs")} | display_files(manifest)
-
-
-def display_files(manifest: dict) -> set[str]:
-    from engine import display
-
-    return display.cached_files(manifest)
+        for e in entry["shards"] if e.get("attrs")} | {
+        "/".join(version_prefix(manifest["model_version"], e["display"]["version"]) + (cat, e["display"]["file"]))
+        for cat, e in manifest["categories"].items() if e.get("display")}  # engine.display
 
 
 def attrs_parts(model_version: str, category: str, entry: dict) -> tuple:
