@@ -125,6 +125,8 @@ class DownloadConfig(_Section):
                             "contact URL image owners can reach you at")
     opt_out_tags: list[str] = Field(["noai", "noimageai", "noindex"], description="X-Robots-Tag values "
                                     "that reject the row as opt_out")
+    thumbnail_size: int = Field(160, ge=0, le=1024, description="longest side (px) of the JPEG thumbnail kept "
+                                "per product for GET /thumb (engine/thumbs.py); 0: none")
 
     @model_validator(mode="after")
     def _networks(self):
@@ -360,6 +362,9 @@ class ServeConfig(_Section):
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for an Encoder or Searcher call")
     prepare_timeout_s: float = Field(1800.0, gt=0, description="longest wait for a replica to load and check a "
                                      "new index version; longer refuses the version")
+    display_columns: list[str] = Field(["title", "image_url"], max_length=16, description="catalog columns returned "
+                                       "with each result (engine/display.py), those the catalog has; kept per "
+                                       "index version from the run's catalog, strings cut to 300 characters")
 
     @model_validator(mode="after")
     def _limits(self):
@@ -470,9 +475,11 @@ class Config(_Section):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on ``base``, mappings merged key by key; an empty mapping replaces (``filter_columns: {}``
+    in an overlay means none, not the base's)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -152,6 +152,7 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
     print("[3/4] search service", flush=True)
     base = service.start(cfg)
     print(f"      listening on {base} (OpenAPI: {base}/docs)", flush=True)
+    print(f"      search page: {base}/ (drop a photo, click through the catalog)", flush=True)
     try:
         cat = pq.read_table(catalog_path).to_pylist()
         labels = {r["product_id"]: r["label"] for r in cat}
@@ -176,7 +177,8 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
             "queries": len(query_ids), "precision_at_10": round(precision, 4),
             "index_version": rep["index_version"], "model_version": rep["model_version"],
             "device": rep.get("device"), "embed_images_per_s": rep["stages"]["download_embed_store"].get("items_per_s"),
-            "picture": str(png), "outfit": outfit, "service": base, "elapsed_s": round(time.monotonic() - t0, 1),
+            "picture": str(png), "outfit": outfit, "service": base, "page": base + "/",
+            "elapsed_s": round(time.monotonic() - t0, 1),
         }
         if keep_serving:
             _print_serving(base, query_ids[0])
@@ -199,6 +201,7 @@ def _one_per_category(ids: list[str], categories: dict[str, str]) -> list[str]:
 
 def _print_serving(base: str, example: str) -> None:
     print(f"Serving on {base} until Ctrl-C. Try:\n"
+          f"  the search page: {base}/\n"
           f"  curl '{base}/similar/{example}?k=5'\n"
           f"  curl -F image=@some.jpg '{base}/search?k=5'\n"
           f"  open {base}/docs", flush=True)

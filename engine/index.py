@@ -213,11 +213,13 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
 
 def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list],
                      cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None,
-                     reused: dict[str, dict] | None = None, attributes: list | None = None) -> dict:
+                     reused: dict[str, dict] | None = None, attributes: list | None = None,
+                     display=None) -> dict:
     """Build every shard of every category as parallel Ray tasks, then write the manifest (last).
     ``versions``: category -> the model version its features come from (default: ``model_version``);
     ``reused``: category -> an earlier version's entry whose shards this version serves as they are;
-    ``attributes``: refs of the catalog's filter columns (engine.attributes), written for every shard."""
+    ``attributes``: refs of the catalog's filter columns (engine.attributes), written for every shard;
+    ``display``: engine.display.Sources, a display file written for every category."""
     import ray
 
     t0 = time.time()
@@ -255,6 +257,8 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
         from engine import attributes as attrs
 
         attrs.write(root, prefix, categories, attributes or [], cfg.filter_columns)
+    if display is not None:  # None (compaction, synthetic stores): reused entries keep theirs
+        display.write(root, prefix, categories)
     manifest = {
         "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
@@ -284,12 +288,16 @@ def _reusable(entry: dict | None, count: int, params: dict, model_version: str) 
 
 
 def build_version(root, model_version: str, index_version: str, state: pa.Table, cfg: IndexConfig,
-                  base: dict | None = None, changed: set | None = None, attributes: list | None = None) -> dict:
+                  base: dict | None = None, changed: set | None = None, attributes: list | None = None,
+                  display=None) -> dict:
     """Build ``index_version`` from a manifest state (engine/manifest.py): each category's rows
     are read straight from their file and row position. A category not in ``changed`` whose
     entry in ``base`` (the previous version's manifest) still matches keeps that version's shards
-    by reference: no copy, no rebuild."""
+    by reference: no copy, no rebuild. ``display``: engine.display.Sources (catalog side), completed
+    here with the state's content keys and ``base``'s display files."""
     storage = Storage.of(root)
+    if display is not None:
+        display = display.complete(state, base, model_version, index_version)
     table = state.select(["category", "model_version", "file", "row"]).sort_by(
         [("category", "ascending"), ("file", "ascending"), ("row", "ascending")])
     cats = table.column("category").to_numpy(zero_copy_only=False)
@@ -313,7 +321,7 @@ def build_version(root, model_version: str, index_version: str, state: pa.Table,
         files_by_category[category] = [(storage.path(str(files[a])), rows[a:b])
                                        for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(files)])]
     return build_from_files(root, model_version, index_version, files_by_category, cfg, run_id=index_version,
-                            versions=versions, reused=reused, attributes=attributes)
+                            versions=versions, reused=reused, attributes=attributes, display=display)
 
 
 # ---------------------------------------------------------------- loading and searching
@@ -365,7 +373,9 @@ def cached_files(manifest: dict) -> set[str]:
     return {"/".join(shard_prefix(manifest, cat) + (cat, e[k])) for cat, entry in manifest["categories"].items()
             for e in entry["shards"] for k in ("index", "ids")} | {
         "/".join(attrs_parts(manifest["model_version"], cat, e)) for cat, entry in manifest["categories"].items()
-        for e in entry["shards"] if e.get("attrs")}
+        for e in entry["shards"] if e.get("attrs")} | {
+        "/".join(version_prefix(manifest["model_version"], e["display"]["version"]) + (cat, e["display"]["file"]))
+        for cat, e in manifest["categories"].items() if e.get("display")}  # engine.display
 
 
 def attrs_parts(model_version: str, category: str, entry: dict) -> tuple:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import (catalog, compact, download, features, gc, index, manifest, metrics, notify, plan, publish, raycluster,
-                    validate)
+from engine import (catalog, compact, display, download, features, gc, index, manifest, metrics, notify, plan, publish,
+                    raycluster, validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -122,8 +122,10 @@ def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str) -
     sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
-    return plan.make(catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns)),
-                     sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns)
+    shown = tuple(cfg.serve.display_columns)
+    return plan.make(catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
+                                  optional=shown),
+                     sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns, display.wanted(cfg))
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:
@@ -236,12 +238,13 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
            before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
-           attributes: list | None = None) -> None:
+           attributes: list | None = None, shown: list | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
     ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
-    rows that leave; ``min_small``: see compact.choose. Every step writes new things before anything refers to them, and deletes only
+    rows that leave; ``min_small``: see compact.choose; ``shown``: the plan's display projections
+    (engine.display; None: the version's categories keep the display files they had). Every step writes new things before anything refers to them, and deletes only
     after publish what no kept version refers to, so a crash anywhere is finished by the next run.
     """
     mv = cfg.embed.model_version
@@ -254,8 +257,9 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     with report.stage("index"):
         previous = index.read_manifest(storage, mv, base_version) \
             if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
+        sources = display.Sources(shown, display.wanted(cfg)) if shown is not None else None  # titles, thumbnails
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
-                                    attributes=attributes)
+                                    attributes=attributes, display=sources)
     report.data["index_build"] = built["build"]
     report.data["index_version"] = version
     with report.stage("validate"):
@@ -358,7 +362,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             return report.data
         resumed, removed = _change(change)
         finish(cfg, storage, report, run_id, base, base_state(storage, mv, base)[1],
-               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes)
+               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:

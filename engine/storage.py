@@ -5,6 +5,7 @@ Layout (the contract other tools rely on)::
     features/<model_version>/...           feature shards (parquet)
     indexes/<model_version>/<index_version>/...
     indexes/<model_version>/LATEST         text: the published index version
+    thumbs/<model_version>/run=<run_id>/   thumbnail packs (engine/thumbs.py)
     runs/<run_id>/report.json, rejects.parquet
     manifests/
 

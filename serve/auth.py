@@ -195,6 +195,11 @@ class Authorizer:
         self.iap = IapVerifier(cfg.iap.audience, cfg.iap.certs_url, cfg.iap.keys_ttl_s, cfg.iap.clock_skew_s) \
             if cfg.auth == "iap" else None
 
+    @property
+    def required(self) -> bool:
+        """Whether requests must carry a credential (answers are then private to caches)."""
+        return self.iap is not None or bool(self.token_sha256)
+
     def check(self, headers: Mapping[str, str]) -> dict | None:
         """None (token mode) or the IAP claims; raises ApiError 401 (or 503) when refused."""
         if self.iap is not None:
