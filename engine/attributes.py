@@ -7,7 +7,6 @@ changed since is the new price. Written before the manifest, like everything a v
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.storage import Storage
+from engine.storage import Storage, sha256
 
 ARROW = {"bool": pa.bool_(), "string": pa.string(), "int": pa.int64(), "float": pa.float64()}
 MAX_STRING = 200  # characters of a string attribute kept (longer values are cut)
@@ -89,9 +88,7 @@ def write_shard(root, parts: tuple, ids_parts: tuple, refs: list, columns: dict[
         os.makedirs(os.path.dirname(local), exist_ok=True)
         pq.write_table(table, local + ".tmp")
         os.replace(local + ".tmp", local)
-        with open(local, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        out = {"attrs": name, "attrs_bytes": os.path.getsize(local), "attrs_sha256": digest}
+        out = {"attrs": name, "attrs_bytes": os.path.getsize(local), "attrs_sha256": sha256(local)}
         if not storage.is_local:
             storage.put_file(local, *parts)
     return out

@@ -155,8 +155,9 @@ class Plan:
     selected: list[str] = field(default_factory=list)
 
 
-def resolve(cfg: SourceConfig, required: list[str]) -> Plan:
-    """Run the query (if any) once, then check that every needed column exists."""
+def resolve(cfg: SourceConfig, required: list[str], optional: tuple = ()) -> Plan:
+    """Run the query (if any) once, then check that every needed column exists; ``optional``
+    columns (``serve.display_columns``) are read when the table has them."""
     from google.api_core import exceptions as gexc
 
     ep = Endpoints.from_config(cfg)
@@ -185,6 +186,9 @@ def resolve(cfg: SourceConfig, required: list[str]) -> Plan:
     wanted = {cfg.columns.get(f, f): f for f in required}
     for extra in cfg.extra_columns:
         wanted.setdefault(extra, extra)
+    for column in optional:
+        if cfg.columns.get(column, column) in have:
+            wanted.setdefault(cfg.columns.get(column, column), column)
     missing = [f"{fieldname} (column {col!r})" if col != fieldname else repr(col)
                for col, fieldname in wanted.items() if col not in have]
     if missing:
@@ -266,10 +270,10 @@ def _output_schema(schema_bytes: bytes, rename: dict[str, str]) -> pa.Schema:
 class BigQueryStorageDatasource(Datasource):
     """Constructed on the driver: the query (if any) has run and the columns are checked when this returns."""
 
-    def __init__(self, cfg: SourceConfig, required: list[str]):
+    def __init__(self, cfg: SourceConfig, required: list[str], optional: tuple = ()):
         super().__init__()
         self.cfg = cfg
-        self.plan = resolve(cfg, required)
+        self.plan = resolve(cfg, required, optional)
         self.session: Optional[Session] = None
 
     def get_name(self) -> str:

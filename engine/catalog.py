@@ -28,28 +28,32 @@ def _format(cfg: SourceConfig) -> str:
     return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(ext, "parquet")
 
 
-def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None, extra: tuple = ()):
+def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None, extra: tuple = (),
+         optional: tuple = ()):
     """The catalog as a Ray Dataset (streamed; nothing is collected on the driver).
 
     ``storage_options``: GCS settings for a gs:// ``source.path`` (engine.storage.gcs_options);
-    ``extra``: more columns the run needs (``index.filter_columns``), required like the rest.
+    ``extra``: more columns the run needs (``index.filter_columns``), required like the rest;
+    ``optional``: columns read when the catalog has them (``serve.display_columns``).
     """
-    ds = _read_bigquery(cfg, extra) if cfg.kind == "bigquery" else _read_files(cfg, parallelism, storage_options, extra)
+    ds = _read_bigquery(cfg, extra, optional) if cfg.kind == "bigquery" \
+        else _read_files(cfg, parallelism, storage_options, extra, optional)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds
 
 
-def _read_bigquery(cfg: SourceConfig, extra: tuple = ()):
+def _read_bigquery(cfg: SourceConfig, extra: tuple = (), optional: tuple = ()):
     import ray.data
 
     from engine.bigquery import BigQueryStorageDatasource
 
-    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(dict.fromkeys([*cfg.required_columns, *extra]))),
-                                    num_cpus=READ_CPUS)
+    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(dict.fromkeys([*cfg.required_columns, *extra])),
+                                                              optional), num_cpus=READ_CPUS)
 
 
-def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None, extra: tuple = ()):
+def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None, extra: tuple = (),
+                optional: tuple = ()):
     import ray.data
 
     storage = Storage(os.path.dirname(cfg.path.rstrip("/")) or ".", storage_options)
@@ -74,6 +78,9 @@ def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | Non
         log.warning("source.path %r has no column(s) %s named by index.filter_columns: indexed as null",
                     cfg.path, absent)
     wanted = {cfg.columns.get(f, f): f for f in dict.fromkeys([*cfg.required_columns, *extra]) if f not in absent}
+    for f in optional:
+        if cfg.columns.get(f, f) in names:
+            wanted.setdefault(cfg.columns.get(f, f), f)
     missing = [c for c in wanted if c not in names]
     if missing:
         raise CatalogError(f"source.path {cfg.path!r}: catalog lacks required column(s) {missing}; "

@@ -125,6 +125,8 @@ class DownloadConfig(_Section):
                             "contact URL image owners can reach you at")
     opt_out_tags: list[str] = Field(["noai", "noimageai", "noindex"], description="X-Robots-Tag values "
                                     "that reject the row as opt_out")
+    thumbnail_size: int = Field(160, ge=0, le=1024, description="longest side (px) of the JPEG thumbnail kept "
+                                "per product for GET /thumb (engine/thumbs.py); 0: none")
 
     @model_validator(mode="after")
     def _networks(self):
@@ -152,7 +154,10 @@ class DetectConfig(_Section):
                           "(python -m engine.detector train)")
     score_threshold: float = Field(0.3, ge=0, le=1)
     max_objects: int = Field(10, ge=1, le=100)
-    box_padding: float = Field(0.1, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    box_padding: float = Field(0.0, ge=0, le=1, description="share of the box's size added on each side of a crop")
+    crop_backdrop: Literal["white", "as_is"] = Field(
+        "white", description="white: a crop's backdrop (the median colour of its border) is scaled to white, as "
+        "catalog product shots are; as_is: the crop as cut")
     labels: dict[str, str] = Field(default_factory=dict, description="detector label -> catalog category "
                                    "(tops, bottoms, dresses, shoes, bags for the shipped detector); unmapped: as is")
     catalog: bool = Field(True, description="detect objects in catalog images too (the pipeline's detect "
@@ -196,8 +201,9 @@ class DetectConfig(_Section):
             import hashlib
 
             name += "-" + hashlib.sha1((PACKAGE_DIR / "weights" / "detector-outfits-v1.pt").read_bytes()).hexdigest()[:8]
-        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.whole_photo_share}|"
-                f"{self.index_objects}|{self.image_size}|" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+        return (f"{name}|{self.score_threshold:g}|{self.max_objects}|{self.box_padding:g}|{self.crop_backdrop}|"
+                f"{self.whole_photo_share}|{self.index_objects}|{self.image_size}|"
+                + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
 
 
 class CategoryModel(_Section):
@@ -313,6 +319,20 @@ class FeaturesConfig(_Section):
                                   "this size and rewrites files under half of it or mostly dead")
 
 
+IAP_CERTS_URL = "https://www.gstatic.com/iap/verify/public_key-jwk"
+# What IAP signs for a backend service (GKE Ingress / Gateway) or an App Engine app.
+IAP_AUDIENCE = r"^/projects/[^/\s]+/(global/backendServices/[^/\s]+|apps/[^/\s]+)$"
+
+
+class IapConfig(_Section):
+    """Google's Identity-Aware Proxy in front of the service (serve.auth: iap, serve/auth.py)."""
+    audience: Optional[str] = Field(None, description="/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID; "
+                                    "required with serve.auth: iap")
+    certs_url: str = Field(IAP_CERTS_URL, description="IAP's public keys (a JWK set, or kid -> PEM)")
+    keys_ttl_s: float = Field(3600.0, gt=0, le=86400, description="fetched keys are reused this long")
+    clock_skew_s: float = Field(30.0, ge=0, le=300, description="leeway on the assertion's iat and exp")
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -334,6 +354,9 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, ingress and searchers")
     swap_grace_s: float = Field(30.0, ge=0, description="an index version replaced this long ago and idle is unloaded")
     retry_refused_s: float = Field(300.0, gt=0, description="a refused index version is tried again after this")
+    auth: Literal["token", "iap"] = Field("token", description="token: the bearer token of auth_token_env (none when "
+                                          "unset); iap: the signed header of Google's Identity-Aware Proxy")
+    iap: IapConfig = Field(default_factory=IapConfig)
     auth_token_env: Optional[str] = Field(None, description="env var holding a bearer token; None: no auth")
     allow_anonymous: bool = Field(False, description="allow a non-loopback host without auth_token_env")
     decode_threads: int = Field(2, ge=1, description="threads decoding uploads, off the event loop")
@@ -343,11 +366,24 @@ class ServeConfig(_Section):
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for an Encoder or Searcher call")
     prepare_timeout_s: float = Field(1800.0, gt=0, description="longest wait for a replica to load and check a "
                                      "new index version; longer refuses the version")
+    display_columns: list[str] = Field(["title", "image_url"], max_length=16, description="catalog columns returned "
+                                       "with each result (engine/display.py), those the catalog has; kept per "
+                                       "index version from the run's catalog, strings cut to 300 characters")
 
     @model_validator(mode="after")
     def _limits(self):
         if self.default_k > self.max_k:
             raise ValueError(f"serve.default_k ({self.default_k}) must not exceed serve.max_k ({self.max_k})")
+        if self.auth == "iap":
+            if not self.iap.audience:
+                raise ValueError("serve.iap.audience is required with serve.auth: iap "
+                                 "(/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID)")
+            if not re.match(IAP_AUDIENCE, self.iap.audience):
+                raise ValueError(f"serve.iap.audience {self.iap.audience[:120]!r} is not an IAP audience: "
+                                 "/projects/PROJECT_NUMBER/global/backendServices/SERVICE_ID")
+            if self.auth_token_env:
+                raise ValueError("serve.auth_token_env is not used with serve.auth: iap (IAP signs every request); "
+                                 "remove one of them")
         return self
 
     @property
@@ -427,9 +463,10 @@ class Config(_Section):
         if self.notify.environment == "prod" and self.download.user_agent == UA_PLACEHOLDER:
             raise ValueError("download.user_agent is still the placeholder: in prod, name a contact URL image "
                              "owners can reach you at")
-        if not self.serve.loopback and not self.serve.auth_token_env and not self.serve.allow_anonymous:
+        if not self.serve.loopback and not self.serve.auth_token_env and self.serve.auth != "iap" \
+                and not self.serve.allow_anonymous:
             raise ValueError(f"serve.host {self.serve.host} is not a loopback address: set serve.auth_token_env "
-                             "(a bearer token) or, to serve anyone, serve.allow_anonymous: true")
+                             "(a bearer token), serve.auth: iap or, to serve anyone, serve.allow_anonymous: true")
         path = self.source.path
         if self.source.kind == "files" and path and "://" not in path:
             folder = os.path.dirname(os.path.abspath(path))
@@ -442,9 +479,11 @@ class Config(_Section):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on ``base``, mappings merged key by key; an empty mapping replaces (``filter_columns: {}``
+    in an overlay means none, not the base's)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

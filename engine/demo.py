@@ -126,10 +126,15 @@ def upload_example(base: str, image_path: str) -> dict:
     return answer
 
 
+DEMO_FILTERS = 'index.filter_columns={"in_stock": "bool", "brand": "string", "price": "float"}'
+
+
 def run(products: int = 2000, keep_serving: bool = False, config_path: str | None = None,
         overrides: list[str] | None = None, queries: int = QUERIES, broken: int = 2) -> dict:
     """The whole demo; returns the summary (the CLI prints it as the last line, as JSON)."""
     t0 = time.monotonic()
+    if not any(o.startswith("index.filter_columns") for o in overrides or []):
+        overrides = [DEMO_FILTERS, *(overrides or [])]  # the demo catalog has them (engine.sample.shop_columns)
     cfg: Config = config.load(config_path, overrides)
     catalog_path = cfg.source.path
     print(f"[1/4] sample catalog: {products} Fashion-MNIST products (+{broken} broken rows) -> {catalog_path}",
@@ -147,6 +152,7 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
     print("[3/4] search service", flush=True)
     base = service.start(cfg)
     print(f"      listening on {base} (OpenAPI: {base}/docs)", flush=True)
+    print(f"      search page: {base}/ (drop a photo, click through the catalog)", flush=True)
     try:
         cat = pq.read_table(catalog_path).to_pylist()
         labels = {r["product_id"]: r["label"] for r in cat}
@@ -171,7 +177,8 @@ def run(products: int = 2000, keep_serving: bool = False, config_path: str | Non
             "queries": len(query_ids), "precision_at_10": round(precision, 4),
             "index_version": rep["index_version"], "model_version": rep["model_version"],
             "device": rep.get("device"), "embed_images_per_s": rep["stages"]["download_embed_store"].get("items_per_s"),
-            "picture": str(png), "outfit": outfit, "service": base, "elapsed_s": round(time.monotonic() - t0, 1),
+            "picture": str(png), "outfit": outfit, "service": base, "page": base + "/",
+            "elapsed_s": round(time.monotonic() - t0, 1),
         }
         if keep_serving:
             _print_serving(base, query_ids[0])
@@ -194,6 +201,7 @@ def _one_per_category(ids: list[str], categories: dict[str, str]) -> list[str]:
 
 def _print_serving(base: str, example: str) -> None:
     print(f"Serving on {base} until Ctrl-C. Try:\n"
+          f"  the search page: {base}/\n"
           f"  curl '{base}/similar/{example}?k=5'\n"
           f"  curl -F image=@some.jpg '{base}/search?k=5'\n"
           f"  open {base}/docs", flush=True)

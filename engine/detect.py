@@ -1,14 +1,15 @@
 """Detect stage: a catalog image -> one row per object (category, box, score, model-ready crop).
 
-The detector (engine/detector.py) finds objects; each kept object becomes a padded crop,
-preprocessed exactly like a whole image (``crop_input`` is shared with the service's POST
-/search). The detector's boxes are suppressed across categories first (``one_per_item``): boxes of
-different categories on one item become one object, the best category kept and the others listed as
-its ``alternatives`` (what ``routes`` searches when the detector is unsure). An object that spans
-most of the photo (``detect.whole_photo_share``: a product shot) is embedded as the whole photo,
-exactly as a catalog embedded whole makes its vector (``embed_input``). Per image, the best box of
-each category is kept: two shoes of one pair are one "shoes" object. ``detect.index_objects``
-decides which objects a catalog image contributes:
+The detector (engine/detector.py) finds objects; each kept object becomes a padded crop, its
+backdrop made white as catalog shots are (``detect.crop_backdrop``), preprocessed exactly like a
+whole image (``crop_input`` is shared with the service's POST /search). The detector's boxes are
+suppressed across categories first (``one_per_item``): boxes of different categories on one item
+become one object, the best category kept and the others listed as its ``alternatives`` (what
+``routes`` searches when the detector is unsure). An object that spans most of the photo
+(``detect.whole_photo_share``: a product shot) is embedded as the whole photo, exactly as a
+catalog embedded whole makes its vector (``embed_input``). Per image, the best box of each
+category is kept: two shoes of one pair are one "shoes" object. ``detect.index_objects`` decides
+which objects a catalog image contributes:
 
 - ``own``: the object of the catalog's category; the whole image when none was found;
 - ``all``: every object, each in its category's index; the catalog's category is always
@@ -41,9 +42,31 @@ def padded(box, padding: float, size: tuple[int, int]) -> tuple[int, int, int, i
             min(size[1], int(round(y1 + dy))))
 
 
-def crop_input(img: Image.Image, box, padding: float, size: int) -> np.ndarray:
-    """The embedder's input for one object: its padded crop, preprocessed like any image."""
-    return imaging.preprocess(img.crop(padded(box, padding, img.size)), size)
+BACKDROP_RING = 2        # pixels of a crop's border its backdrop colour is read from
+DARKEST_BACKDROP = 64    # a backdrop darker than this in any channel is left as it is
+
+
+def backdrop_to_white(crop: Image.Image) -> Image.Image:
+    """The crop with its backdrop made white, as catalog product shots are: each channel scaled so
+    the median colour of the crop's border (the backdrop around the item) becomes 255. On a tinted
+    studio backdrop a crop otherwise differs from its product's white-background catalog shot by
+    the tint, enough to rank the product itself past 10th. A dark backdrop (any channel under
+    ``DARKEST_BACKDROP``) is left as it is: scaling it up would only amplify noise."""
+    a = np.asarray(crop, np.float32)
+    r = BACKDROP_RING
+    border = np.concatenate([a[:r].reshape(-1, 3), a[-r:].reshape(-1, 3), a[:, :r].reshape(-1, 3),
+                             a[:, -r:].reshape(-1, 3)])
+    backdrop = np.median(border, axis=0)
+    if backdrop.min() < DARKEST_BACKDROP:
+        return crop
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / backdrop)), 0, 255).astype(np.uint8), "RGB")
+
+
+def crop_input(img: Image.Image, box, padding: float, size: int, backdrop: str = "as_is") -> np.ndarray:
+    """The embedder's input for one object: its padded crop (``backdrop="white"``: through
+    ``backdrop_to_white``), preprocessed like any image."""
+    crop = img.crop(padded(box, padding, img.size))
+    return imaging.preprocess(backdrop_to_white(crop) if backdrop == "white" else crop, size)
 
 
 def covers(box, size: tuple[int, int], share: float | None) -> bool:
@@ -54,10 +77,11 @@ def covers(box, size: tuple[int, int], share: float | None) -> bool:
 def embed_input(img: Image.Image, obj: dict, cfg: DetectConfig, size: int,
                 whole: np.ndarray | None = None) -> np.ndarray:
     """The embedder's input for one object: the whole photo (``whole``, or ``img`` preprocessed) when
-    the object has no box score (the whole-image fallback) or covers the photo, else its padded crop."""
+    the object has no box score (the whole-image fallback) or covers the photo, else its padded crop
+    (its backdrop made white with ``detect.crop_backdrop: white``)."""
     if obj["score"] is None or covers(obj["box"], img.size, cfg.whole_photo_share):
         return imaging.preprocess(img, size) if whole is None else whole
-    return crop_input(img, obj["box"], cfg.box_padding, size)
+    return crop_input(img, obj["box"], cfg.box_padding, size, cfg.crop_backdrop)
 
 
 def whole_photo(img: Image.Image, cfg: DetectConfig, size: int) -> np.ndarray:

@@ -16,8 +16,9 @@ construction, and politeness is a property of the whole run, not of one actor:
 - A circuit breaker per host: a high error rate pauses the host (doubling pauses, one probe
   request at a time), and a host failing for ``breaker_give_up_s`` has its rows rejected fast.
 
-Every input row leaves as exactly one output row, ``status`` "ok" (with ``pixels``) or
-"rejected" (with a stable ``reason`` code and a ``detail``); nothing is dropped.
+Every input row leaves as exactly one output row, ``status`` "ok" (with ``pixels`` and a small
+JPEG ``thumb``, made from the same decode) or "rejected" (with a stable ``reason`` code and a
+``detail``); nothing is dropped.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from engine.ratelimit import (HEADROOM, LATE_S, RateGate, SlotSchedule, Throttle
 
 RESULT_FIELDS = [pa.field("status", pa.string()), pa.field("reason", pa.string()),
                  pa.field("detail", pa.string()), pa.field("pixels", pa.binary()),
-                 pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+                 pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("thumb", pa.binary())]
 # Ray Data tasks (input blocks) running at once on one actor's event loop: a block waiting on
 # its slowest row does not idle the actor.
 CALLS_PER_ACTOR = 4

@@ -19,11 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine import thumbs
 from engine.storage import Storage
 
 OUTCOME_COLUMNS = ["product_id", "image_url", "category", "catalog_category", "status", "reason", "detail",
                    "content_key", "action", "file", "row", "object", "objects"]
-DROPPED = ("status", "reason", "detail", "action", "file", "row", "catalog_row", "object", "width", "height", "note")
+DROPPED = ("status", "reason", "detail", "action", "file", "row", "catalog_row", "object", "width", "height", "note",
+           "thumb")
 COMPACTED = "compacted"
 
 
@@ -46,6 +48,10 @@ def write_batch(batch: pa.Table, root: str, versions: dict, detect_version: str,
     files = batch.column("file").to_pylist() if "file" in batch.column_names else [None] * n
     rows = batch.column("row").to_pylist() if "row" in batch.column_names else [None] * n
     ok = batch.filter(ok_mask)
+    if "thumb" in ok.column_names:  # one thumbnail per product (its first object), in one pack per batch
+        first = ok.filter(pc.fill_null(pc.equal(ok.column("object"), 0), True)) if "object" in ok.column_names else ok
+        thumbs.write_pack(storage, versions[""], run_id, first.column("product_id").to_pylist(),
+                          first.column("content_key").to_pylist(), first.column("thumb").to_pylist())
     ok = ok.drop_columns([c for c in DROPPED if c in ok.column_names])
     at = np.flatnonzero(ok_mask.fill_null(False).to_numpy(zero_copy_only=False))
     cats = ok.column("category").to_pylist()

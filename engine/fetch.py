@@ -150,29 +150,32 @@ class Fetcher:
         return {k: v for k, v in out.items() if v}
 
     async def process(self, row: dict) -> tuple:
-        """One catalog row -> (status, reason, detail, pixels, width, height).
+        """One catalog row -> (status, reason, detail, pixels, width, height, thumb).
 
         Pixels are the model-ready square, or with ``full_size`` the whole image fitted into
-        ``full_size`` (for the detect stage, which cuts its crops from it)."""
+        ``full_size`` (for the detect stage, which cuts its crops from it); ``thumb`` a small
+        JPEG of the image (``download.thumbnail_size``; empty when 0)."""
         bad = check_row(row, self.max_id_bytes)
         if bad:
-            return ("rejected", *bad, b"", 0, 0)
+            return ("rejected", *bad, b"", 0, 0, b"")
         try:
             data = await self.fetch(row["image_url"])
-            pixels = await asyncio.get_running_loop().run_in_executor(self.decoders, self._decode, data)
+            pixels, thumb = await asyncio.get_running_loop().run_in_executor(self.decoders, self._decode, data)
         except (FetchError, imaging.ImageRejected) as exc:
-            return ("rejected", exc.reason, exc.detail, b"", 0, 0)
+            return ("rejected", exc.reason, exc.detail, b"", 0, 0, b"")
         except ThrottleLost:
             raise
         except Exception as exc:  # noqa: BLE001 -- a bug must not lose the row; the reject ratio shows it
             log.exception("download: unexpected error for %s", row["image_url"])
-            return ("rejected", "internal_error", f"{type(exc).__name__}: {exc}"[:300], b"", 0, 0)
-        return ("ok", None, None, pixels.tobytes(), pixels.shape[1], pixels.shape[0])
+            return ("rejected", "internal_error", f"{type(exc).__name__}: {exc}"[:300], b"", 0, 0, b"")
+        return ("ok", None, None, pixels.tobytes(), pixels.shape[1], pixels.shape[0], thumb)
 
     def _decode(self, data: bytes):
+        img = imaging.decode(data, self.cfg.max_pixels)  # decoded once: model input and thumbnail
+        thumb = imaging.thumbnail(img, self.cfg.thumbnail_size) if self.cfg.thumbnail_size else b""
         if self.full_size:
-            return imaging.fit(imaging.decode(data, self.cfg.max_pixels), self.full_size)
-        return imaging.prepare(data, self.size, self.cfg.max_pixels)
+            return imaging.fit(img, self.full_size), thumb
+        return imaging.preprocess(img, self.size), thumb
 
     async def fetch(self, url: str) -> bytes:
         """The body at ``url``, after retries and redirects, or the last attempt's FetchError."""

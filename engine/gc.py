@@ -12,12 +12,14 @@ next one and a file some kept version names is never touched:
 - manifests: folders outside every kept version's chain (base + deltas), up to LATEST.
 - features: files in no kept version's file catalog, written by runs up to LATEST (a newer run
   may still be writing its own).
+- thumbnails: packs no kept version's display files name, written by runs up to LATEST, and the
+  entry files of those runs (engine/thumbs.py).
 """
 from __future__ import annotations
 
 import posixpath
 
-from engine import manifest
+from engine import manifest, thumbs
 from engine.index import MANIFEST, owner
 from engine.pointer import POINTER, latest
 from engine.storage import Storage
@@ -50,6 +52,7 @@ def _references(storage: Storage, line: str, versions: list[str]) -> set[tuple[s
                 for s in e.get("shards", []) if s.get("attrs_version")}
         out |= {(e["version"], c) for c, entry in m.get("categories", {}).items() for e in entry["shards"]
                 if e.get("version")}  # delta shards (engine/delta.py) live in their own version's folder
+        out |= {(e["display"]["version"], c) for c, e in m.get("categories", {}).items() if e.get("display")}
     return out
 
 
@@ -83,6 +86,8 @@ def collect(storage: Storage, line: str, keep: int) -> dict:
     if current is None:
         return {"manifests": 0, "files": 0}
     chains, files = set(), set()
+    packs = {p for v in kept(storage, line, keep) for e in storage.read_json("indexes", line, v, MANIFEST)
+             .get("categories", {}).values() for p in (e.get("display") or {}).get("packs", [])}
     for other in storage.listdir("indexes"):
         for v in kept(storage, other, keep if other == line else None):
             meta = manifest.read_meta(storage, other, v)
@@ -104,7 +109,7 @@ def collect(storage: Storage, line: str, keep: int) -> dict:
                 gone_files += _sweep(storage, ("features", mv, name), files, lambda f: True)
             elif name == "compacted":
                 gone_files += _sweep(storage, ("features", mv, name), files, lambda f: _writer(f) <= current)
-    return {"manifests": gone_manifests, "files": gone_files}
+    return {"manifests": gone_manifests, "files": gone_files, "thumb_files": thumbs.sweep(storage, line, packs, current)}
 
 
 def _writer(file: str) -> str:

@@ -163,3 +163,16 @@ def fit(img: Image.Image, size: int) -> np.ndarray:
 def prepare(data: bytes, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
     """Bytes -> uint8 ``size`` x ``size`` x 3 array ready for the embedder."""
     return preprocess(decode(data, max_pixels), size)
+
+
+THUMB_QUALITY = 80
+
+
+def thumbnail(img: Image.Image, size: int = 160, quality: int = THUMB_QUALITY) -> bytes:
+    """A small JPEG of a decoded image (longest side ``size``, never enlarged) for result pages:
+    a few KB, made where the image is already decoded, so pages never fetch catalog images."""
+    small = img.copy()
+    small.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    out = io.BytesIO()
+    small.convert("RGB").save(out, "JPEG", quality=quality, optimize=True, progressive=False)
+    return out.getvalue()

@@ -13,7 +13,6 @@ runs as many builds at once as it has memory for, never more.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from engine import features
 from engine.config import IndexConfig
-from engine.storage import Storage
+from engine.storage import Storage, sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -49,14 +48,6 @@ log = logging.getLogger(__name__)
 
 def version_prefix(model_version: str, index_version: str) -> tuple[str, str, str]:
     return ("indexes", model_version, index_version)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def score_from_distance(distance, metric: str):
@@ -222,11 +213,13 @@ def build_shard(root: str, prefix: tuple, spec: dict, seed: int, n_jobs: int) ->
 
 def build_from_files(root: str, model_version: str, index_version: str, files_by_category: dict[str, list],
                      cfg: IndexConfig, run_id: str | None = None, versions: dict[str, str] | None = None,
-                     reused: dict[str, dict] | None = None, attributes: list | None = None) -> dict:
+                     reused: dict[str, dict] | None = None, attributes: list | None = None,
+                     display=None) -> dict:
     """Build every shard of every category as parallel Ray tasks, then write the manifest (last).
     ``versions``: category -> the model version its features come from (default: ``model_version``);
     ``reused``: category -> an earlier version's entry whose shards this version serves as they are;
-    ``attributes``: refs of the catalog's filter columns (engine.attributes), written for every shard."""
+    ``attributes``: refs of the catalog's filter columns (engine.attributes), written for every shard;
+    ``display``: engine.display.Sources, a display file written for every category."""
     import ray
 
     t0 = time.time()
@@ -264,6 +257,8 @@ def build_from_files(root: str, model_version: str, index_version: str, files_by
         from engine import attributes as attrs
 
         attrs.write(root, prefix, categories, attributes or [], cfg.filter_columns)
+    if display is not None:  # None (compaction, synthetic stores): reused entries keep theirs
+        display.write(root, prefix, categories)
     manifest = {
         "format": FORMAT, "model_version": model_version, "index_version": index_version, "run_id": run_id,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": dims.pop(),
@@ -293,12 +288,16 @@ def _reusable(entry: dict | None, count: int, params: dict, model_version: str) 
 
 
 def build_version(root, model_version: str, index_version: str, state: pa.Table, cfg: IndexConfig,
-                  base: dict | None = None, changed: set | None = None, attributes: list | None = None) -> dict:
+                  base: dict | None = None, changed: set | None = None, attributes: list | None = None,
+                  display=None) -> dict:
     """Build ``index_version`` from a manifest state (engine/manifest.py): each category's rows
     are read straight from their file and row position. A category not in ``changed`` whose
     entry in ``base`` (the previous version's manifest) still matches keeps that version's shards
-    by reference: no copy, no rebuild."""
+    by reference: no copy, no rebuild. ``display``: engine.display.Sources (catalog side), completed
+    here with the state's content keys and ``base``'s display files."""
     storage = Storage.of(root)
+    if display is not None:
+        display = display.complete(state, base, model_version, index_version)
     table = state.select(["category", "model_version", "file", "row"]).sort_by(
         [("category", "ascending"), ("file", "ascending"), ("row", "ascending")])
     cats = table.column("category").to_numpy(zero_copy_only=False)
@@ -322,7 +321,7 @@ def build_version(root, model_version: str, index_version: str, state: pa.Table,
         files_by_category[category] = [(storage.path(str(files[a])), rows[a:b])
                                        for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(files)])]
     return build_from_files(root, model_version, index_version, files_by_category, cfg, run_id=index_version,
-                            versions=versions, reused=reused, attributes=attributes)
+                            versions=versions, reused=reused, attributes=attributes, display=display)
 
 
 # ---------------------------------------------------------------- loading and searching
@@ -382,7 +381,9 @@ def cached_files(manifest: dict) -> set[str]:
     return {"/".join(shard_prefix(manifest, cat, e) + (cat, e[k])) for cat, entry in manifest["categories"].items()
             for e in entry["shards"] for k in ("index", "ids")} | {
         "/".join(attrs_parts(manifest["model_version"], cat, e)) for cat, entry in manifest["categories"].items()
-        for e in entry["shards"] if e.get("attrs")}
+        for e in entry["shards"] if e.get("attrs")} | {
+        "/".join(version_prefix(manifest["model_version"], e["display"]["version"]) + (cat, e["display"]["file"]))
+        for cat, e in manifest["categories"].items() if e.get("display")}  # engine.display
 
 
 def attrs_parts(model_version: str, category: str, entry: dict) -> tuple:
@@ -395,14 +396,8 @@ def read_attrs(storage: Storage, model_version: str, category: str, entry: dict,
     """A shard's filter columns in Annoy order (None when the version has none)."""
     if not entry.get("attrs"):
         return None
-    path = local_copy(storage, cache_dir, attrs_parts(model_version, category, entry),
-                      entry["attrs_sha256"] if verify else None)
-    if verify and storage.is_local and sha256(path) != entry["attrs_sha256"]:
-        raise IndexLoadError(f"{category}/{entry['attrs']}: checksum mismatch (corrupt or truncated file)")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a load failure
-        raise IndexLoadError(f"{category}/{entry['attrs']}: unreadable filter columns: {exc}") from None
+    table = _side_table(storage, cache_dir, attrs_parts(model_version, category, entry), entry["attrs_sha256"],
+                        verify, "filter columns")
     if table.num_rows != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['attrs']}: {table.num_rows} rows, manifest says {entry['count']}")
     return table
@@ -443,17 +438,25 @@ def model_mismatch(manifest: dict, embed_cfg) -> dict[str, tuple[str, str]]:
             if category_version(manifest, c) != embed_cfg.version_of(c)}
 
 
+def _side_table(storage: Storage, cache_dir: str, parts: tuple, sha: str, verify: bool, what: str) -> pa.Table:
+    """A shard's side file (id map, filter columns): fetched, checksummed and read, or IndexLoadError."""
+    name = "/".join(parts[-2:])
+    path = local_copy(storage, cache_dir, parts, sha if verify else None)
+    if verify and storage.is_local and sha256(path) != sha:
+        raise IndexLoadError(f"{name}: checksum mismatch (corrupt or truncated file)")
+    try:
+        return pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable side file is a load failure
+        raise IndexLoadError(f"{name}: unreadable {what}: {exc}") from None
+
+
 def read_ids(storage: Storage, prefix: tuple, category: str, entry: dict, cache_dir: str,
              verify: bool = True) -> tuple[pa.Array, pa.Array]:
     """A shard's (product ids, own flags); id maps written before objects have no flags: all own."""
-    path = local_copy(storage, cache_dir, prefix + (category, entry["ids"]), entry["ids_sha256"] if verify else None)
-    if verify and storage.is_local and sha256(path) != entry["ids_sha256"]:
-        raise IndexLoadError(f"{category}/{entry['ids']}: checksum mismatch (corrupt or truncated file)")
-    try:
-        table = pq.read_table(path)
-        ids = table.column("product_id").combine_chunks()
-    except Exception as exc:  # noqa: BLE001 - any unreadable id map is a load failure
-        raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: {exc}") from None
+    table = _side_table(storage, cache_dir, prefix + (category, entry["ids"]), entry["ids_sha256"], verify, "id map")
+    if "product_id" not in table.column_names:
+        raise IndexLoadError(f"{category}/{entry['ids']}: unreadable id map: no product_id column")
+    ids = table.column("product_id").combine_chunks()
     if len(ids) != entry["count"]:
         raise IndexLoadError(f"{category}/{entry['ids']}: {len(ids)} ids, manifest says {entry['count']}")
     flags = table.column("own").combine_chunks() if "own" in table.column_names else pa.array([True] * len(ids))

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import (catalog, compact, delta, download, features, gc, index, manifest, metrics, notify, plan, publish,
-                    raycluster, tombstones, validate)
+from engine import (catalog, compact, delta, display, download, features, gc, index, manifest, metrics, notify, plan,
+                    publish, raycluster, tombstones, validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -124,9 +124,11 @@ def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
     sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
-    ds = catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns))
+    shown = tuple(cfg.serve.display_columns)
+    ds = catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
+                      optional=shown)
     return plan.make(tombstones.fold(ds, gone) if gone is not None else ds, sources, settings, cfg.plan.bucket_rows,
-                     cfg.index.filter_columns)
+                     cfg.index.filter_columns, display.wanted(cfg))
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:
@@ -239,12 +241,14 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
            before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
-           attributes: list | None = None, seen: list[str] | None = None) -> None:
+           attributes: list | None = None, shown: list | None = None, seen: list[str] | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
     ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
-    rows that leave; ``min_small``: see compact.choose; ``seen``: the base's tombstone files the plan folded. Every step writes new things before anything refers to them, and deletes only
+    rows that leave; ``min_small``: see compact.choose; ``shown``: the plan's display projections
+    (engine.display; None: the version's categories keep the display files they had); ``seen``: the
+    base's tombstone files the plan folded. Every step writes new things before anything refers to them, and deletes only
     after publish what no kept version refers to, so a crash anywhere is finished by the next run.
     """
     mv = cfg.embed.model_version
@@ -256,10 +260,12 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
         changed |= delta.to_rebuild(storage, previous, cfg.index.rebuild_fraction)
     with report.stage("compact"):
         state, meta = commit_manifest(storage, cfg, report, version, base_version, before, added, removed, min_small)
-    del before
+    del before  # the caller passes it without keeping it: the old state is freed before the index build
+    report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
+        sources = display.Sources(shown, display.wanted(cfg)) if shown is not None else None  # titles, thumbnails
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
-                                    attributes=attributes)
+                                    attributes=attributes, display=sources)
     report.data["index_build"] = built["build"]
     report.data["index_version"] = version
     with report.stage("validate"):
@@ -287,9 +293,9 @@ def commit_manifest(storage: Storage, cfg: Config, report: Report, version: str,
     state = manifest.apply(before, added, removed)
     base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
     files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
-    state, report.data["compaction"] = compact.compact(storage, state, files, cfg.features.target_file_mb, version,
-                                                       min_small)
-    written = report.data["compaction"].pop("written", [])
+    state, stats = compact.compact(storage, state, files, cfg.features.target_file_mb, version, min_small)
+    written = stats.pop("written", [])
+    report.data["compaction"] = stats
     moved = state.filter(pc.is_in(state.column("file"), value_set=pa.array(written, pa.string()))).column("product_id")
     touched = pa.chunked_array([c for col in (added.column("product_id"), removed.column("product_id"), moved)
                                 for c in col.chunks], pa.string())
@@ -374,9 +380,9 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.finish("unchanged")
             return report.data
         resumed, removed = _change(change)
-        _, before = base_state(storage, mv, base)
-        finish(cfg, storage, report, run_id, base, before, pa.concat_tables([fresh, resumed]), removed,
-               attributes=change.attributes, seen=seen)
+        finish(cfg, storage, report, run_id, base, base_state(storage, mv, base)[1],
+               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display,
+               seen=seen)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:

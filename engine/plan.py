@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import attributes as attributes_module
+from engine import display as display_module
 from engine import manifest, partition, pointer
 from engine.manifest import STATE_SCHEMA, empty_state
 from engine.storage import Storage
@@ -204,6 +205,7 @@ class Plan:
     peak_rss_mb: dict   # task kind -> largest peak RSS a task of it reported
     seconds: dict       # read (catalog blocks), split (catalog and state by bucket), join (bucket tasks)
     attributes: list = dataclasses.field(default_factory=list)  # refs: product_id + index.filter_columns per catalog block
+    display: list | None = None  # refs: product_id + serve.display_columns per catalog block (engine.display)
 
 
 def buckets_for(rows: int, bucket_rows: int) -> int:
@@ -212,9 +214,11 @@ def buckets_for(rows: int, bucket_rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, rows / bucket_rows))))
 
 
-def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None) -> Plan:
+def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None,
+         display_columns: tuple | None = None) -> Plan:
     """Plan the catalog dataset ``ds`` against ``sources``; runs Ray tasks, returns when planned.
-    ``filter_columns``: also keep those columns of every catalog block (engine.attributes)."""
+    ``filter_columns``: also keep those columns of every catalog block (engine.attributes);
+    ``display_columns``: those of them the catalog has (engine.display; None: no display file)."""
     import ray
 
     ds.context.execution_options.preserve_order = True  # catalog order decides which duplicate wins
@@ -227,9 +231,13 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter
     pieces: list[list] = [[] for _ in range(n)]
     rss, attributes = [], []
     project = ray.remote(attributes_module.project).options(num_cpus=0.25) if filter_columns else None
+    shown = ray.remote(display_module.project).options(num_cpus=0.25) if display_columns is not None else None
+    display = [] if shown is not None else None
     for seq, ref in enumerate(r for bundle in catalog.iter_internal_ref_bundles() for r in bundle.block_refs):
         if project is not None:
             attributes.append(project.remote(ref, filter_columns))
+        if shown is not None:
+            display.append(shown.remote(ref, tuple(display_columns)))
         out = split.remote(ref, seq, n)
         rss.append(out[0])
         for i in range(n):
@@ -264,7 +272,7 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter
                 peak_rss_mb={"split": split_rss, "bucket": max(s["peak_rss_mb"] for s in summaries)},
                 seconds={"read": round(read_s, 3), "split": round(split_s, 3),
                          "join": round(time.monotonic() - started - read_s - split_s, 3)},
-                attributes=attributes)
+                attributes=attributes, display=display)
 
 
 def _split(block: pa.Table, seq: int, n: int) -> tuple:

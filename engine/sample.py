@@ -46,6 +46,12 @@ def product_id(i: int) -> str:
 
 
 BRANDS = [f"brand-{b:02d}" for b in range(20)]
+STYLES = ["Classic", "Relaxed", "Slim", "Everyday", "Soft", "Sport", "Vintage", "Summer", "Winter", "City"]
+
+
+def title(label: str, brand: str, rng: np.random.Generator) -> str:
+    """A product name as a shop shows it (the demo's display column), e.g. "Slim sneaker, Brand 03"."""
+    return f"{STYLES[int(rng.integers(len(STYLES)))]} {label.lower()}, {brand.replace('-', ' ').capitalize()}"
 
 
 def shop_columns(rng: np.random.Generator) -> dict:
@@ -69,13 +75,16 @@ def make_catalog(out_dir: str | os.PathLike, products: int = 2000, seed: int = 0
     chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:products])
     rows = []
     shop = np.random.default_rng(seed + 1)  # filter columns: ~80% in stock, 20 brands (skewed), log-normal prices
+    names = np.random.default_rng(seed + 2)  # titles, from their own stream so the filter columns stay as they were
     for i in chosen:
         path = out / "images" / f"{product_id(i)}.png"
         if not path.exists():
             render(images[i]).save(path, optimize=False)
         label = LABELS[labels[i]]
+        columns = shop_columns(shop)
         rows.append({"product_id": product_id(i), "image_url": path.as_uri(), "category": CATEGORY[label],
-                     "label": label, "updated_at": "2026-11-01T00:00:00Z", **shop_columns(shop)})
+                     "label": label, "updated_at": "2026-11-01T00:00:00Z", **columns,
+                     "title": title(label, columns["brand"], names)})
     for b in range(broken):
         pid = f"broken-{b:03d}"
         path = out / "images" / f"{pid}.png"

@@ -5,6 +5,7 @@ Layout (the contract other tools rely on)::
     features/<model_version>/...           feature shards (parquet)
     indexes/<model_version>/<index_version>/...
     indexes/<model_version>/LATEST         text: the published index version
+    thumbs/<model_version>/run=<run_id>/   thumbnail packs (engine/thumbs.py)
     runs/<run_id>/report.json, rejects.parquet
     manifests/
 
@@ -14,6 +15,7 @@ an endpoint that lived only in an environment variable would silently send them 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -26,6 +28,15 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import fsspec  # noqa: E402
 
 GCS_PROTOCOLS = ("gs://", "gcs://")
+
+
+def sha256(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def gcs_options(cfg) -> dict:

@@ -19,10 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import features, manifest
+from engine import api, features, manifest
 from engine.config import ValidateConfig
-from engine.index import (MANIFEST, IndexLoadError, LoadedIndex, Shard, category_params, merge, read_manifest,
-                          shard_prefix, version_prefix)
+from engine.index import MANIFEST, IndexLoadError, LoadedIndex, Shard, merge, read_manifest, version_prefix
 from engine.storage import Storage
 
 K = 10
@@ -132,14 +131,13 @@ def check_category(root, manifest: dict, category: str, m: int, seed: int, cache
     GCS copied to this worker's own temporary dir, never to the driver). Reused shards of an
     earlier version are checked like built ones: sizes, checksums, counts, recall."""
     storage = Storage.of(root)
-    entry = manifest["categories"][category]
     out = {"category": category, "load": None, "count": 0, "duplicates": 0, "recall": [], "self": []}
     with tempfile.TemporaryDirectory() as tmp:
         shards = []
-        try:
-            params = category_params(manifest, category)
-            for e in entry["shards"]:
-                shards.append(Shard.load(storage, shard_prefix(manifest, category, e), category, e, manifest["dim"], params, cache_dir or tmp))
+        try:  # the API's loading path (engine/api.py), as the service and notebooks load it
+            loaded = api.load_manifest(storage, manifest, cache_dir or tmp, select=lambda c, _: c == category,
+                                       check=False)  # recall below queries every sampled item itself
+            shards = loaded.categories.get(category, [])
         except IndexLoadError as exc:
             out["load"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a corrupt file is a failed check, not a crash

@@ -13,22 +13,24 @@ searcher call, so a response never mixes versions and says which one it came fro
 
 import asyncio
 import hashlib
-import hmac
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPBearer
 from ray import serve
 
-from engine import detect, imaging, metrics
+from engine import detect, imaging, metrics, thumbs
 from engine.config import Config, ConfigError, ServeConfig
 from engine.index import Location, category_version, merge, summary
 from engine.storage import gcs_options
-from serve import errors, filters, upload
+from serve import auth, errors, filters, page, upload
 from serve.encoder import Encoder
 from serve.errors import ApiError
 from serve.fresh import Fresh, live
+from serve.models import UPLOAD_BODY, Health, SearchAnswer, SimilarAnswer, VersionInfo, errors as codes
 from serve.routing import Routing, call_within, categories, fan_out
 from serve.searcher import Searcher, ShardGroup
 from serve.swap import Swapper
@@ -43,6 +45,9 @@ api = FastAPI(
 )
 api.add_middleware(metrics.LatencyMiddleware)  # latency per route on the Ray dashboard
 errors.install(api)
+# Declares the scheme in /openapi.json; SearchAPI._authorize checks it (serve/auth.py: token or IAP header).
+bearer = [Depends(HTTPBearer(auto_error=False, description="required when serve.auth_token_env is set"))]
+THUMB_MAX_AGE_S = 3600
 
 
 @serve.deployment(name="SearchAPI")
@@ -51,7 +56,7 @@ class SearchAPI:
     def __init__(self, encoder, searchers: list, cfg: dict, auth_sha256: str | None = None):
         self.cfg = Config.model_validate(cfg)
         self.encoder, self.searchers = encoder, searchers or [ShardGroup(self.cfg, 0, 1)]
-        self.auth_sha256 = auth_sha256
+        self.auth = auth.Authorizer(self.cfg.serve, auth_sha256)  # serve.auth: token or iap (serve/auth.py)
         self.swapper = Swapper(self.cfg, self.searchers, self.cfg.serve.searcher_replicas)
         self.fresh = Fresh(self.swapper.storage, self.cfg.embed.model_version, self.cfg.serve.poll_interval_s)
         self.fresh.start(lambda: [self.swapper.active and self.swapper.active.version])  # deleted ids: 404
@@ -61,13 +66,7 @@ class SearchAPI:
     # -- request plumbing
 
     def _authorize(self, request: Request) -> None:
-        if not self.auth_sha256:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not token.strip() or not hmac.compare_digest(digest, self.auth_sha256):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+        self.auth.check(request.headers)
 
     def _routing(self) -> Routing:
         routing = self.swapper.active
@@ -104,7 +103,7 @@ class SearchAPI:
 
     # -- endpoints
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health, responses=codes(503))
     def healthz(self):
         """Status and index version only: ok (200), degraded (200: LATEST was refused, the old index
         serves), or loading / refused / unpublished (503). Why, on /version (behind the token)."""
@@ -116,7 +115,8 @@ class SearchAPI:
             raise ApiError(503, status, state=status)
         return {"status": "degraded" if state.get("refused") else "ok", "index_version": routing.version}
 
-    @api.get("/version")
+    @api.get("/version", response_model=VersionInfo, response_model_exclude_unset=True, dependencies=bearer,
+             responses=codes(401, 503))
     def version(self, request: Request):
         self._authorize(request)
         routing = self._routing()
@@ -126,7 +126,8 @@ class SearchAPI:
                 **state,
                 "last_error": state["refused"]["reason"] if state.get("refused") else None}
 
-    @api.get("/similar/{product_id:path}")  # ids may hold "/": percent-encoded as %2F
+    @api.get("/similar/{product_id:path}", response_model=SimilarAnswer, response_model_exclude_unset=True,
+             dependencies=bearer, responses=codes(400, 401, 404, 422, 503, 504))  # ids may hold "/": as %2F
     async def similar(self, request: Request, product_id: str,
                       k: int | None = Query(None, description="number of results"),
                       category: str | None = Query(None, description="comma-separated; default: the product's own"),
@@ -147,10 +148,47 @@ class SearchAPI:
             raise ApiError(400, f"categories {other} are embedded by another model than {product_id!r}'s "
                                 f"{loc.category} vector ({model}); ask for them separately")
         parts = await self._fan_out(routing, cats or [loc.category], k + 1, location=loc, filter=filter)
-        return {"product_id": product_id, "category": loc.category, "index_version": routing.version,
-                "results": merge(parts, k, exclude=product_id)}
+        shown = routing.display.columns_of(loc)  # the product's own title etc., for pages
+        return {"product_id": product_id, "category": loc.category, **shown, "index_version": routing.version,
+                "results": routing.display.decorate(merge(parts, k, exclude=product_id), routing.directory)}
 
-    @api.post("/search")
+    @api.get("/thumb/{product_id:path}", response_class=Response, dependencies=bearer,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "the product's thumbnail (JPEG)"},
+                        304: {"description": "If-None-Match matched its ETag"}, **codes(401, 404, 503)})
+    async def thumb(self, request: Request, product_id: str):
+        """A small JPEG of an indexed product, made by the pipeline (download.thumbnail_size), so
+        pages work when catalog images are file://, private or refuse hotlinks. ETag: its content
+        hash; If-None-Match answers 304."""
+        self._authorize(request)
+        routing = self._routing()
+        found = routing.directory.lookup(product_id)
+        if not found:
+            raise ApiError(404, f"unknown product_id {product_id!r} in index {routing.version}")
+        entry = next((t for t in map(routing.display.thumb, found) if t), None)
+        if entry is None:
+            raise ApiError(404, f"no thumbnail for {product_id!r} in index {routing.version}")
+        pack, offset, length, etag = entry
+        tag = f'"{etag}"'
+        headers = {"ETag": tag, "Cache-Control": f"{'private' if self.auth.required else 'public'}, "
+                                                 f"max-age={THUMB_MAX_AGE_S}"}
+        asked = [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]
+        if tag in asked or "*" in asked:
+            return Response(status_code=304, headers=headers)
+        data = await asyncio.get_running_loop().run_in_executor(self.decoders, thumbs.read, self.swapper.storage,
+                                                                pack, offset, length)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    @api.get("/", include_in_schema=False)
+    def index_page(self):
+        """The search page (serve/page/): static files, no build step, nothing from the network."""
+        return page.response("index.html")
+
+    @api.get("/page/{name}", include_in_schema=False)
+    def page_file(self, name: str):
+        return page.response(name)
+
+    @api.post("/search", response_model=SearchAnswer, response_model_exclude_unset=True, dependencies=bearer,
+              openapi_extra={"requestBody": UPLOAD_BODY}, responses=codes(400, 401, 404, 413, 415, 422, 503, 504))
     async def search(self, request: Request, k: int | None = Query(None),
                      category: str | None = Query(None, description="comma-separated; default: all"),
                      filter: str | None = Query(None, description=FILTER_HELP)):
@@ -178,7 +216,7 @@ class SearchAPI:
             if searched:
                 objects.append({"category": o["category"], "box": [round(v * scale, 1) for v in o["box"]],
                                 "score": o["score"], "alternatives": o["alternatives"], "searched": searched,
-                                "results": detect.merge_routes(parts, k)})
+                                "results": routing.display.decorate(detect.merge_routes(parts, k), routing.directory)})
         if not objects:  # no detector, a category filter, or nothing found: the whole image
             pixels = whole
             by_model: dict[str, list[str]] = {}
@@ -188,7 +226,7 @@ class SearchAPI:
             parts = [h for (mv, names), vector in zip(by_model.items(), vectors)
                      for h in await self._fan_out(routing, names, k, vector=vector, filter=filter)]
             objects.append({"category": ",".join(cats) if cats else None, "box": [0, 0, img.width, img.height],
-                            "score": None, "results": merge(parts, k)})
+                            "score": None, "results": routing.display.decorate(merge(parts, k), routing.directory)})
         return {"index_version": routing.version, "detector": self.cfg.detect.detector,
                 "detected": len(detected), "objects": objects}
 
@@ -220,7 +258,7 @@ class SearchAPI:
 def auth_digest(serve_cfg: ServeConfig) -> str | None:
     """sha256 of the bearer token named by ``serve.auth_token_env``; replicas get the digest, never the token."""
     name = serve_cfg.auth_token_env
-    if not name:
+    if not name or serve_cfg.auth != "token":
         return None
     token = os.environ.get(name, "").strip()
     if not token:

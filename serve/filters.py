@@ -20,11 +20,11 @@ import numpy as np
 MAX_LENGTH = 2000
 MAX_TERMS = 32
 MAX_IN = 256
-TYPES = ("bool", "string", "int", "float")
 OPS = ("=", "!=", "<", "<=", ">", ">=")
 _TOKEN = re.compile(r"""\s*(?:(?P<op><=|>=|!=|=|<|>)|(?P<punct>[(),])|(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
                         |(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.]))|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""",
                     re.VERBOSE)
+_END = re.compile(r"\s*\Z")
 
 
 class FilterError(ValueError):
@@ -40,9 +40,7 @@ class Term:
 
 def _tokens(text: str) -> list[tuple[str, object, int]]:
     out, at = [], 0
-    while at < len(text):
-        if text[at:].strip() == "":
-            break
+    while not _END.match(text, at):
         m = _TOKEN.match(text, at)
         if not m:
             pos = at + len(text[at:]) - len(text[at:].lstrip())

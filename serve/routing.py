@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.display import Display
 from engine.index import Directory, Location
 from serve.errors import ApiError
 from serve.searcher import ShardGroup, assign
@@ -19,15 +20,16 @@ class Routing:
     directory: Directory
     owner: dict  # (category, shard) -> searcher group
     groups_of: dict = field(default_factory=dict)  # category -> sorted searcher groups
+    display: Display = field(default_factory=lambda: Display({}, {}))  # titles, thumbnails (engine.display)
 
     @classmethod
-    def of(cls, manifest: dict, directory: Directory, groups: int) -> "Routing":
+    def of(cls, manifest: dict, directory: Directory, groups: int, display: Display | None = None) -> "Routing":
         owner = assign(manifest, groups)
         groups_of: dict[str, set] = {}
         for (cat, _), g in owner.items():
             groups_of.setdefault(cat, set()).add(g)
         return cls(manifest["index_version"], manifest, directory, owner,
-                   {c: sorted(g) for c, g in groups_of.items()})
+                   {c: sorted(g) for c, g in groups_of.items()}, display or Display({}, {}))
 
 
 def categories(routing: Routing, category: str | None) -> list[str] | None:

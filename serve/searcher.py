@@ -22,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from engine import publish
+from engine.api import load_manifest, self_check  # noqa: F401 - the API's loading path: what notebooks open
 from engine.config import Config
 from engine.index import IndexLoadError, LoadedIndex, Location, prune_cache, read_manifest
 from engine.storage import Storage
@@ -51,17 +52,6 @@ def assign(manifest: dict, groups: int) -> dict[tuple[str, int], int]:
         out[(cat, number)] = g
         load[g] += count
     return out
-
-
-def self_check(index: LoadedIndex) -> None:
-    """Each shard, queried with one of its own items, must find it: the file is what it claims."""
-    for (cat, number), shard in index.shards.items():
-        if not len(shard):
-            continue
-        pos = len(shard) // 2
-        own = shard.ids[pos].as_py()
-        if own not in shard.search(shard.vector(pos).tolist(), 10)[0]:  # 10: exact duplicates may come first
-            raise IndexLoadError(f"{cat}/shard {number}: item {own!r} queried with its own vector is not found")
 
 
 class VersionStore:
@@ -97,13 +87,8 @@ class VersionStore:
             try:
                 manifest = read_manifest(self.storage, self.model_version, version)
                 owned = assign(manifest, self.groups)
-                index = LoadedIndex.load(self.storage, self.model_version, version, self.cache_dir, verify=True,
-                                         select=lambda c, s: owned[(c, s)] == self.group)
-                try:
-                    self_check(index)
-                except BaseException:
-                    index.close()
-                    raise
+                index = load_manifest(self.storage, manifest, self.cache_dir, verify=True,
+                                      select=lambda c, s: owned[(c, s)] == self.group)  # + each shard's self-query
             except Exception as exc:  # noqa: BLE001 - any failure refuses the version, never the replica
                 reason = str(exc) if isinstance(exc, IndexLoadError) else f"{type(exc).__name__}: {exc}"
                 self.failed[version] = (time.monotonic(), reason)

@@ -10,6 +10,7 @@ import threading
 import time
 
 from engine import metrics, publish
+from engine.display import Display
 from engine.config import Config
 from engine.index import Directory, model_mismatch, prune_cache, read_manifest
 from engine.storage import Storage
@@ -88,12 +89,13 @@ class Swapper:
             raise RuntimeError("embedding model versions differ (category: index's, config's): " + ", ".join(
                 f"{c}: {i}, {m}" for c, (i, m) in sorted(wrong.items())))
         directory = Directory.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)
+        display = Display.load(self.storage, manifest, self.cfg.serve.cache_dir, verify=True)  # with its version
         answers = [a for g, h in enumerate(self.searchers) for a in self._prepare_group(g, h, version)]
         self._prepared = {str(g): sum(a["group"] == g for a in answers) for g in range(len(self.searchers))}
         bad = [a for a in answers if not a["ok"]]
         if bad:
             raise RuntimeError("; ".join(f"searcher group {a['group']}: {a['error']}" for a in bad))
-        return Routing.of(manifest, directory, len(self.searchers))
+        return Routing.of(manifest, directory, len(self.searchers), display)
 
     def _prepare_group(self, group: int, handle, version: str) -> list[dict]:
         """Every replica's answer: calls go out in rounds of ``replicas``, each held briefly so the

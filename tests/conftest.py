@@ -66,9 +66,10 @@ def sample_catalog(tmp_path_factory) -> str:
 
 def make_config(catalog: str, root, *more: str):
     from engine import config
+    from engine.demo import DEMO_FILTERS
 
     return config.load(None, [f"source.path={catalog}", f"storage.root={root}",
-                              f"serve.cache_dir={root}/cache", "index.validate.sample=200", *more])
+                              f"serve.cache_dir={root}/cache", "index.validate.sample=200", DEMO_FILTERS, *more])
 
 
 @pytest.fixture(scope="session")

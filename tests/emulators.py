@@ -9,7 +9,8 @@
   extensions come from PyPI wheels and are installed into a private HOME, so it never tries
   to download them at start-up.
 
-``python tests/emulators.py install`` installs (``./dev`` runs it); ``... run`` starts both
+``python tests/emulators.py install`` installs (``./dev`` runs it; also Debian's chromium for the
+page test, tests/browser.py); ``... run`` starts both
 and prints their endpoints until Ctrl-C, for trying a config by hand.
 """
 from __future__ import annotations
@@ -194,6 +195,9 @@ def main(argv: list[str]) -> int:
     if cmd == "install":
         install_bqemulator()
         fake_gcs_binary()
+        import browser  # tests/browser.py: Debian's chromium for tests/test_page.py
+
+        browser.install()
         return 0
     if cmd == "run":
         import tempfile

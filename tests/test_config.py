@@ -53,6 +53,14 @@ def test_overlay_extends_base_and_resolves_paths_against_each_file(tmp_path):
     assert cfg.storage.root == str(tmp_path / "out")
 
 
+def test_an_empty_mapping_in_an_overlay_replaces_the_bases(tmp_path):
+    """A BigQuery table without the demo's filter columns must be able to turn them off."""
+    over = write(tmp_path, "bq.yaml", f"extends: {config.DEFAULT_CONFIG}\nindex: {{filter_columns: {{}}}}\n")
+    assert config.load(None).index.filter_columns and config.load(over).index.filter_columns == {}
+    kept = write(tmp_path, "k.yaml", f"extends: {config.DEFAULT_CONFIG}\nindex: {{filter_columns: {{size: int}}}}\n")
+    assert set(config.load(kept).index.filter_columns) == {"in_stock", "brand", "price", "size"}
+
+
 def test_unreadable_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         config.load(tmp_path / "missing.yaml")

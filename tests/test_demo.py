@@ -21,6 +21,7 @@ def test_demo_end_to_end(ray_cluster, tmp_path, capsys):
     assert last["queries"] == 300 and last["precision_at_10"] >= 0.65
     assert last["service"] == f"http://127.0.0.1:{port}" and last["elapsed_s"] > 0
     assert "neighbours" in out and "POST /search" in out
+    assert last["page"] == f"http://127.0.0.1:{port}/" and f"search page: http://127.0.0.1:{port}/" in out
     outfit = last["outfit"]  # one photo of several unseen items through the detector
     assert outfit["objects_found"] >= outfit["objects_in_photo"] >= 2
     assert set(outfit["categories_in_photo"]) <= set(outfit["categories_found"])

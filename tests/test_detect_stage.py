@@ -221,9 +221,13 @@ def test_a_product_shot_is_embedded_whole_and_an_outfit_item_by_its_crop():
     shot = {"category": "tops", "box": [40.0, 10.0, 240.0, 150.0], "score": 0.7}  # 200 of 300 px wide
     item = {"category": "shoes", "box": [10.0, 10.0, 100.0, 90.0], "score": 0.9}
     assert np.array_equal(detect.embed_input(img, shot, cfg, 224), imaging.preprocess(img, 224))
-    assert np.array_equal(detect.embed_input(img, item, cfg, 224), detect.crop_input(img, item["box"], 0.1, 224))
+    white = detect.crop_input(img, item["box"], 0.1, 224, "white")  # the default crop_backdrop
+    assert np.array_equal(detect.embed_input(img, item, cfg, 224), white)
+    as_cut = cfg.model_copy(update={"crop_backdrop": "as_is"})
+    assert np.array_equal(detect.embed_input(img, item, as_cut, 224), detect.crop_input(img, item["box"], 0.1, 224))
     never = cfg.model_copy(update={"whole_photo_share": None})
-    assert np.array_equal(detect.embed_input(img, shot, never, 224), detect.crop_input(img, shot["box"], 0.1, 224))
+    assert np.array_equal(detect.embed_input(img, shot, never, 224),
+                          detect.crop_input(img, shot["box"], 0.1, 224, "white"))
     # the service's whole-photo input is the catalog's: as decoded when embedded whole, from the
     # detect stage's decoded image when the pipeline detects
     assert np.array_equal(detect.whole_photo(img, cfg.model_copy(update={"catalog": False}), 224),
@@ -231,3 +235,31 @@ def test_a_product_shot_is_embedded_whole_and_an_outfit_item_by_its_crop():
     staged = Image.fromarray(imaging.fit(img, cfg.image_size))
     assert np.array_equal(detect.whole_photo(img, cfg.model_copy(update={"catalog": True, "detector": "shipped"}), 224),
                           imaging.preprocess(staged, 224))
+
+
+def test_a_crop_on_a_tinted_backdrop_becomes_its_white_catalog_shot():
+    """An item photographed on a tinted backdrop, cropped with its backdrop made white, is its
+    catalog shot again (within rounding) and embeds closer to it than the crop as cut; a dark
+    backdrop is left alone."""
+    from engine import imaging, sample
+    from engine.embed import Embedder
+
+    items, _ = sample.load()
+    shot = sample.render(items[outfits.HELD_OUT_FROM + 1])  # dark on white, as the catalog shows it
+    tint = np.array([210.0, 180.0, 140.0])
+    photo = np.ones((300, 300, 3)) * tint
+    photo[60:172, 90:202] = tint * (np.asarray(shot, np.float32) / 255.0)  # the same item lit on the tint
+    img = Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
+    box = [90.0, 60.0, 202.0, 172.0]
+    catalog = imaging.preprocess(shot, 224)
+    white, as_cut = detect.crop_input(img, box, 0.0, 224, "white"), detect.crop_input(img, box, 0.0, 224)
+    assert np.abs(white.astype(int) - catalog).max() <= 4
+    assert np.abs(as_cut.astype(int) - catalog).mean() > 40
+    emb = Embedder(config.load(None, []).embed, device="cpu")
+    v = emb(np.stack([catalog, white, as_cut]))
+    assert v[0] @ v[1] > 0.97 and v[0] @ v[1] > v[0] @ v[2] + 0.02, (v[0] @ v[1], v[0] @ v[2])
+
+    dark = Image.fromarray((np.asarray(img, np.float32) * 0.25).astype(np.uint8))  # backdrop (52, 45, 35)
+    crop = dark.crop(detect.padded(box, 0.0, dark.size))
+    assert np.array_equal(np.asarray(detect.backdrop_to_white(crop)), np.asarray(crop))
+    assert config.load(None, []).detect.crop_backdrop == "white"

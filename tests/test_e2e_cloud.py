@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -75,6 +76,8 @@ download:
 {more}embed:
   weights: {weights}
   cpus_per_actor: 0.25
+index:
+  filter_columns: {{}}           # this table has no in_stock/brand/price (the default config's filter columns)
 storage:
   root: {root}
   gcs_endpoint: {gcs.url}
@@ -98,11 +101,11 @@ def runs(ray_cluster, bq_emulator, gcs_emulator, tmp_path_factory):
     from google.cloud import bigquery as gbq
 
     table = gbq.Table(f"test-project.{DATASET}.products", schema=[
-        gbq.SchemaField(n, "STRING") for n in ("sku", "main_image", "cat", "label")])
+        gbq.SchemaField(n, "STRING") for n in ("sku", "main_image", "cat", "label", "title")])
     client.delete_table(table, not_found_ok=True)
     client.create_table(table)
     rows = [{"sku": r["product_id"], "main_image": f"{base}/a/{Path(urllib.parse.urlparse(r['image_url']).path).name}",
-             "cat": r["category"], "label": r["label"]} for r in catalog]
+             "cat": r["category"], "label": r["label"], "title": r["title"]} for r in catalog]
     assert not client.insert_rows_json(f"test-project.{DATASET}.products", rows)
 
     bucket = gcs_emulator.make_bucket("lookalike-e2e")
@@ -194,7 +197,13 @@ def test_service_answers_from_the_gcs_index(runs):
         status, body = demo.http_json("GET", f"{base}/similar/{pid}?k=3")
         assert status == 200 and body["index_version"] == version and len(body["results"]) == 3
         assert {r["category"] for r in body["results"]} == {biggest} and pid not in {r["product_id"] for r in body["results"]}
+        titles = {r["product_id"]: r["title"] for r in runs["catalog"]}
+        first = body["results"][0]  # display columns read from the BigQuery table (mapped and not)
+        assert first["image_url"].startswith("http") and first["title"] == titles[first["product_id"]]
+        with urllib.request.urlopen(f"{base}/thumb/{pid}") as resp:  # a range read of its pack on gs://
+            assert resp.headers["Content-Type"] == "image/jpeg" and resp.read()[:2] == b"\xff\xd8"
         cached = Path(cfg.serve.cache_dir) / "indexes" / MV / version
         assert any(cached.rglob("shard-000.ann"))  # copied from gs:// to local disk, then mmap'd
+        assert any(cached.rglob("display.arrow"))
     finally:
         serve.shutdown()

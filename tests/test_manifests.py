@@ -435,6 +435,7 @@ def test_launcher_will_not_start_beside_a_run_still_going(capsys):
 
 SCHEMAS = CLUSTER / "schemas"
 KUBERAY = "kuberay-v1.6.2"  # the operator version cluster/ is written for (cluster/base/kustomization.yaml)
+CORE_GROUPS = ("batch/", "rbac.authorization.k8s.io/", "networking.k8s.io/")  # kubernetes-validate knows these
 KUBERNETES = "1.33"  # the oldest Kubernetes minor we validate core kinds against (GKE regular channel)
 
 
@@ -491,8 +492,7 @@ def test_every_object_of_every_overlay_passes_its_schema(overlay):
     for kind, docs in by_kind.items():
         for doc in docs:
             where = f"{name}/{kind}/{doc['metadata']['name']}"
-            if "." in doc["apiVersion"].split("/")[0] and not doc["apiVersion"].startswith(
-                    ("batch/", "rbac.authorization.k8s.io/")):
+            if "." in doc["apiVersion"].split("/")[0] and not doc["apiVersion"].startswith(CORE_GROUPS):
                 source, validator = crd_validator(kind, doc["apiVersion"])
                 errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
                 assert not errors, f"{where} against {source}:\n" + "\n".join(errors[:10])
@@ -503,8 +503,11 @@ def test_every_object_of_every_overlay_passes_its_schema(overlay):
             else:
                 kubernetes_validate.validate(doc, KUBERNETES, strict=True)
             checked[kind] += 1
-    assert checked == {"RayJob": 1, "RayService": 1, "CronJob": 1, "ServiceAccount": 2, "Role": 1,
-                       "RoleBinding": 1, "PodMonitor": 2}, checked
+    expected = {"RayJob": 1, "RayService": 1, "CronJob": 1, "ServiceAccount": 2, "Role": 1, "RoleBinding": 1,
+                "PodMonitor": 2}
+    if name == "prod":  # sign-in through IAP (cluster/overlays/prod/iap.yaml)
+        expected.update({"BackendConfig": 2, "ManagedCertificate": 1, "Ingress": 1})
+    assert checked == expected, checked
 
 
 def test_the_schema_check_refuses_what_the_operator_would_ignore():
@@ -528,6 +531,13 @@ def test_the_schema_check_refuses_what_the_operator_would_ignore():
     cron["spec"]["schedul"] = cron["spec"].pop("schedule")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(cron, KUBERNETES, strict=True)
+    backend = next(d for d in render(CLUSTER / "overlays" / "prod") if d["kind"] == "BackendConfig")
+    _, validator = crd_validator("BackendConfig", "cloud.google.com/v1")
+    assert not list(validator.iter_errors(backend))
+    for change in ({"oauthClientCredentials": {"secretName": "x"}}, {"enabled": "true"}, {"oauthclientCredentials": {}}):
+        broken = copy.deepcopy(backend)
+        broken["spec"]["iap"].update(change)
+        assert list(validator.iter_errors(broken)), change
     svc = next(d for d in render(CLUSTER / "overlays" / "prod") if d["kind"] == "RayService")
     banned = set(json.loads((SCHEMAS / "deprecated-ray.io-v1.json").read_text())["fields"])
     assert "serviceUnhealthySecondThreshold" in banned
@@ -592,3 +602,65 @@ def test_lock_pins_every_dependency_with_hashes_and_the_image_installs_it():
     docker = (CLUSTER / "Dockerfile").read_text()
     assert re.search(r"^RUN pip install --require-hashes --no-deps -r cluster/requirements\.lock$", docker, re.M)
     assert re.search(r"^RUN pip install --no-deps -e \.$", docker, re.M), "the app itself adds no dependency"
+
+
+# -- sign-in through IAP (prod) -------------------------------------------------------------------
+
+def _annotation(template: dict, key: str) -> dict:
+    return json.loads(template["metadata"]["annotations"][key])
+
+
+def test_prod_puts_search_and_dashboard_behind_iap():
+    """The Ingress reaches KubeRay's own Services, each with NEGs and a BackendConfig that turns IAP on
+    with the OAuth client Secret, and health checks on paths that need no IAP header."""
+    import importlib
+
+    by_kind = collections.defaultdict(list)
+    for d in render(CLUSTER / "overlays" / "prod"):
+        by_kind[d["kind"]].append(d)
+    ingress, rayservice = one(by_kind, "Ingress"), one(by_kind, "RayService")
+    backends = {d["metadata"]["name"]: d["spec"] for d in by_kind["BackendConfig"]}
+    name = rayservice["metadata"]["name"]
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    routes = {r["host"]: r["http"]["paths"][0]["backend"]["service"] for r in ingress["spec"]["rules"]}
+    # KubeRay's stable Services of the RayService (they follow the active cluster across upgrades)
+    templates = {f"{name}-serve-svc": (rayservice["spec"]["serveService"], "serve"),
+                 f"{name}-head-svc": (head["headService"], "dashboard")}
+    assert {s["name"] for s in routes.values()} == set(templates)
+    health = {}
+    for service in routes.values():
+        template, port_name = templates[service["name"]]
+        port = service["port"]["number"]
+        assert port == ports[port_name]
+        assert _annotation(template, "cloud.google.com/neg") == {"ingress": True}
+        chosen = _annotation(template, "cloud.google.com/backend-config")
+        config_name = chosen.get("ports", {}).get(str(port)) or chosen.get("default")
+        spec = backends[config_name]
+        assert spec["iap"]["enabled"] is True and spec["iap"]["oauthclientCredentials"]["secretName"] == "lookalike-iap-oauth"
+        assert spec["healthCheck"]["port"] == port
+        health[port_name] = spec["healthCheck"]["requestPath"]
+    assert set(backends) == {"lookalike-search-iap", "lookalike-dashboard-iap"}
+    # the service's health check is a route of the app that asks for no sign-in (tests/test_auth.py checks it live)
+    from serve import app
+
+    assert health["serve"] in app.api.openapi()["paths"]
+    healthz = importlib.import_module("inspect").getsource(app.SearchAPI.func_or_class.healthz)
+    assert "_authorize" not in healthz
+    # the dashboard's is one of the paths Ray's token auth leaves public
+    dashboard = importlib.import_module("ray.dashboard.http_server_head")
+    assert f'"{health["dashboard"]}"' in Path(dashboard.__file__).read_text()
+    # one certificate for exactly the Ingress's hosts, HTTPS only
+    assert one(by_kind, "ManagedCertificate")["spec"]["domains"] == list(routes)
+    notes = ingress["metadata"]["annotations"]
+    assert notes["networking.gke.io/managed-certificates"] == one(by_kind, "ManagedCertificate")["metadata"]["name"]
+    assert notes["kubernetes.io/ingress.allow-http"] == "false" and notes["kubernetes.io/ingress.class"] == "gce"
+    # the service the RayService runs verifies IAP's header for its backend
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    cfg = config.load(ROOT / args["config"], args.get("set") or [])
+    assert cfg.serve.auth == "iap" and re.match(config.IAP_AUDIENCE, cfg.serve.iap.audience)
+    assert cfg.serve.iap.certs_url == config.IAP_CERTS_URL
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl create secret generic lookalike-iap-oauth" in readme and "roles/iap.httpsResourceAccessor" in readme
+    dev = [d["kind"] for d in render(CLUSTER / "overlays" / "dev")]
+    assert "Ingress" not in dev and "BackendConfig" not in dev  # dev is reached by port-forward, with the token

@@ -170,7 +170,7 @@ def test_config_refuses_path_names_and_open_binds(tmp_path):
     assert config.load(None, base + ["serve.host=0.0.0.0", "serve.allow_anonymous=true"]).serve.host == "0.0.0.0"
     prod = config.load(config.PACKAGE_DIR.parent / "configs" / "prod.yaml")
     assert prod.download.allowed_schemes == ["http", "https"] and prod.download.allowed_networks == []
-    assert prod.serve.auth_token_env
+    assert prod.serve.auth == "iap" and prod.serve.iap.audience  # prod is reached through IAP (tests/test_auth.py)
     with pytest.raises(config.ConfigError, match="user_agent"):
         config.load(config.PACKAGE_DIR.parent / "configs" / "prod.yaml", [f"download.user_agent={config.UA_PLACEHOLDER}"])
 

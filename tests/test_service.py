@@ -89,7 +89,8 @@ def test_search_by_uploaded_image_finds_the_product(service, catalog):
     x0, y0, x1, y1 = obj["box"]
     assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112 and (x1 - x0) * (y1 - y0) > 0.2 * 112 * 112
     assert obj["searched"][0] == "bottoms" and {r["category"] for r in obj["results"]} <= set(obj["searched"])
-    assert obj["results"][0] == {"product_id": pid, "category": "bottoms", "score": pytest.approx(1.0, abs=1e-3)}
+    assert obj["results"][0] == {"product_id": pid, "category": "bottoms", "score": pytest.approx(1.0, abs=1e-3),
+                                 "title": catalog[pid]["title"], "image_url": catalog[pid]["image_url"]}  # display columns
     # the whole photo when asked for a category: the stored vector itself
     status, body = call("POST", f"{base}/search?k=5&category=bottoms", data, {"Content-Type": "image/png"})
     (whole,) = body["objects"]
@@ -117,7 +118,8 @@ def test_a_catalog_photo_posted_to_search_gets_the_neighbours_of_similar(service
             continue
         same += 1
         assert obj["results"][0] == {"product_id": pid, "category": catalog[pid]["category"],
-                                     "score": pytest.approx(1.0, abs=1e-3)}
+                                     "score": pytest.approx(1.0, abs=1e-3), "title": catalog[pid]["title"],
+                                     "image_url": catalog[pid]["image_url"]}
         found = [r["product_id"] for r in obj["results"] if r["product_id"] != pid][:10]
         _, similar = call("GET", f"{base}/similar/{pid}?k=10")
         overlap += len(set(found) & {r["product_id"] for r in similar["results"]}) / 10
@@ -154,7 +156,8 @@ def test_search_matches_the_pipeline_vector(service, catalog, published):
     pid = next(p for p, r in catalog.items() if r["category"] == "bags")
     status, body = call("POST", f"{base}/search?k=1&category=bags", image_bytes(catalog, pid))
     assert status == 200 and body["objects"][0]["results"] == [
-        {"product_id": pid, "category": "bags", "score": pytest.approx(1.0, abs=1e-3)}]
+        {"product_id": pid, "category": "bags", "score": pytest.approx(1.0, abs=1e-3),
+         "title": catalog[pid]["title"], "image_url": catalog[pid]["image_url"]}]
 
 
 def test_search_rejects_bad_uploads(service):
