@@ -68,10 +68,12 @@ def pending(storage: Storage, manifest_: dict | None, fraction: float) -> bool:
 
 
 def build_delta(cfg: Config, storage: Storage, version: str, base: dict, before: pa.Table, fresh: pa.Table,
-                attributes: list | None = None) -> dict:
+                attributes: list | None = None, display=None) -> dict:
     """Write ``version``: delta shards of ``fresh`` (STATE rows), the base's shards by reference,
     tombstones, the manifest delta and last the index manifest. Nothing is published here.
-    ``attributes``: the update catalog's filter columns (engine.attributes), for the delta shards."""
+    ``attributes``: the update catalog's filter columns (engine.attributes), for the delta shards;
+    ``display``: engine.display.Sources of the update's catalog: the display files of the categories
+    that gain delta shards are rewritten (the base's rows from the base's files), the others kept."""
     import ray
 
     mv = base["model_version"]
@@ -115,8 +117,16 @@ def build_delta(cfg: Config, storage: Storage, version: str, base: dict, before:
             "model_version": versions.get(spec["category"], versions[""]), "version": version, "shards": []})
         cat["shards"].append(e)
         cat["count"] += e["count"]
-    # tombstones: the base's, less any the update brings back, plus the changed products' old vectors
     ids = pc.unique(fresh.column("product_id"))
+    grown = {spec["category"] for spec in specs}
+    if display is not None and grown:
+        kept = before.filter(pc.invert(pc.is_in(before.column("product_id"), value_set=ids)))
+        keys = pa.concat_tables([fresh.select(["product_id", "content_key"]),
+                                 kept.select(["product_id", "content_key"]).cast(fresh.select(["product_id", "content_key"]).schema)])
+        touched = {c: categories[c] for c in grown}
+        display.complete(keys, base, mv, version).write(storage, prefix, touched)
+        categories.update(touched)
+    # tombstones: the base's, less any the update brings back, plus the changed products' old vectors
     inherited = tombstones.read(storage, mv, base["index_version"])
     inherited = inherited.filter(pc.invert(pc.is_in(inherited.column("product_id"), value_set=ids)))
     old = pc.unique(before.filter(pc.is_in(before.column("product_id"), value_set=ids)).column("product_id"))

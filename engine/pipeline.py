@@ -77,6 +77,11 @@ def pool(configured: int, rows: int, per_actor: int) -> int:
     return max(1, min(configured, math.ceil(rows / per_actor)))
 
 
+def reblock(batch: pa.Table) -> pa.Table:
+    """Identity: the map's batch size cuts the planned work into feature-shard-sized blocks."""
+    return batch
+
+
 def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work: list, rows: int,
                   detect_version: str, throttle=None):
     """The streaming plan over the rows that need computing (``work``: refs of Arrow tables from
@@ -89,7 +94,10 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work:
     gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
-    ds = ray.data.from_arrow_refs(work).repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
+    # A quarter-CPU map, not repartition(): its 1-CPU tasks wait forever once the actor pools
+    # hold all but a fraction of a small cluster (a run beside the service on one machine).
+    ds = ray.data.from_arrow_refs(work).map_batches(reblock, batch_size=cfg.storage.feature_batch_rows,
+                                                    batch_format="pyarrow", num_cpus=0.25)
     detecting = cfg.detect.in_pipeline
     fetch = cfg.download.model_copy(update={"actors": pool(cfg.download.actors, rows, 4 * cfg.download.batch_size)})
     ds = download.apply(ds, fetch, cfg.embed.image_size, throttle, storage_options=gcs,
@@ -428,7 +436,8 @@ def update(cfg: Config, run_id: str | None = None) -> dict:
         with report.stage("index"):
             base_manifest = index.read_manifest(storage, mv, base.version)
             before = manifest.read_state(storage, mv, base.version)
-            built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes)
+            shown = display.Sources(change.display, display.wanted(cfg)) if change.display is not None else None
+            built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes, shown)
         report.data["delta"] = built
         with report.stage("publish"):
             report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
