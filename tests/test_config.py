@@ -54,10 +54,12 @@ def test_overlay_extends_base_and_resolves_paths_against_each_file(tmp_path):
 
 
 def test_an_empty_mapping_in_an_overlay_replaces_the_bases(tmp_path):
-    """A BigQuery table without the demo's filter columns must be able to turn them off."""
-    over = write(tmp_path, "bq.yaml", f"extends: {config.DEFAULT_CONFIG}\nindex: {{filter_columns: {{}}}}\n")
-    assert config.load(None).index.filter_columns and config.load(over).index.filter_columns == {}
-    kept = write(tmp_path, "k.yaml", f"extends: {config.DEFAULT_CONFIG}\nindex: {{filter_columns: {{size: int}}}}\n")
+    """A BigQuery table without a base's filter columns must be able to turn them off."""
+    base = write(tmp_path, "base.yaml", f"extends: {config.DEFAULT_CONFIG}\n"
+                 "index: {filter_columns: {in_stock: bool, brand: string, price: float}}\n")
+    over = write(tmp_path, "bq.yaml", f"extends: {base}\nindex: {{filter_columns: {{}}}}\n")
+    assert config.load(base).index.filter_columns and config.load(over).index.filter_columns == {}
+    kept = write(tmp_path, "k.yaml", f"extends: {base}\nindex: {{filter_columns: {{size: int}}}}\n")
     assert set(config.load(kept).index.filter_columns) == {"in_stock", "brand", "price", "size"}
 
 
