@@ -185,9 +185,10 @@ def upsert_rows(catalog: list[dict], n: int, rng: np.random.Generator) -> tuple[
         by_cat.setdefault(r["category"], []).append(r)
     rows, twins = [], {}
     picks = rng.permutation(len(catalog))
+    changed = {catalog[i]["product_id"] for i in picks[: n // 2]}
     for i in picks[: n // 2]:
-        r = catalog[i]
-        others = [o for o in by_cat[r["category"]] if o["image_url"] != r["image_url"]]
+        r = catalog[i]  # its twin keeps its own photo, so the changed product's first neighbour is the twin
+        others = [o for o in by_cat[r["category"]] if o["image_url"] != r["image_url"] and o["product_id"] not in changed]
         twin = others[int(rng.integers(len(others)))]
         rows.append({**r, "image_url": twin["image_url"]})
         twins[r["product_id"]] = twin["product_id"]
