@@ -34,6 +34,7 @@ ALL = 2**31 - 1  # ``before`` of a delete: masked in every shard, deltas include
 SCHEMA = pa.schema([("product_id", pa.string()), ("before", pa.int32()), ("content_key", pa.string())])
 MAX_PER_CALL = 10_000   # ids one `lookalike delete` takes
 MAX_TOTAL = 100_000     # deletes one version holds; past it, a daily run must fold them first
+MAX_FILES = 1_000       # tombstone files one version holds: each replica rereads them all on a change
 
 
 class TombstoneError(ValueError):
@@ -129,6 +130,9 @@ def delete(storage: Storage, model_version: str, ids: list[str]) -> dict:
         if existing.num_rows + new.num_rows > MAX_TOTAL:
             raise TombstoneError(f"index {version} already holds {existing.num_rows} deletes; {new.num_rows} more "
                                  f"pass the cap of {MAX_TOTAL}: run `lookalike run` to fold them into the index first")
+        if new.num_rows and len(names(storage, model_version, version)) >= MAX_FILES:
+            raise TombstoneError(f"index {version} already holds {MAX_FILES} tombstone files (one per delete call): "
+                                 "send ids in fewer, larger calls (--from FILE), or run `lookalike run` to fold them")
         if new.num_rows:
             write(storage, model_version, version, pa.table({
                 "product_id": new.column("product_id"), "before": pa.array([ALL] * new.num_rows, pa.int32()),

@@ -61,6 +61,11 @@ def test_delete_reports_unknown_and_repeated_ids_and_is_bounded(tmp_path, monkey
         tombstones.delete(storage, MV, ["p4", "p5"])
     with pytest.raises(tombstones.TombstoneError, match="no product ids"):
         tombstones.delete(storage, MV, [])
+    monkeypatch.setattr(tombstones, "MAX_TOTAL", 100)
+    monkeypatch.setattr(tombstones, "MAX_FILES", 2)  # two calls so far wrote two files
+    with pytest.raises(tombstones.TombstoneError, match="fewer, larger calls"):
+        tombstones.delete(storage, MV, ["p6"])
+    assert tombstones.delete(storage, MV, ["p1"])["already_deleted"] == 1  # nothing new: no file, no refusal
 
 
 def test_delete_refuses_when_nothing_is_published(tmp_path):
