@@ -104,10 +104,10 @@ def write(root, prefix: tuple, categories: dict[str, dict], refs: list, columns:
     task = ray.remote(num_cpus=0.25)(write_shard)
     jobs = []
     for category, entry in categories.items():
-        owner = ("indexes", prefix[1], entry.get("version", prefix[2]))
+        folder = entry.get("version", prefix[2])
         entry["shards"] = [dict(s) for s in entry["shards"]]
         for shard in entry["shards"]:
-            ids_parts = (*owner, category, shard["ids"])
+            ids_parts = ("indexes", prefix[1], shard.get("version") or folder, category, shard["ids"])
             parts = (*prefix, category, shard["index"].removesuffix(".ann") + SUFFIX)
             jobs.append((shard, task.remote(root, parts, ids_parts, refs, columns)))
         entry["filter_columns"] = dict(columns)

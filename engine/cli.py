@@ -36,6 +36,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--full", action="store_true", help="recompute every row (same as --set plan.full=true)")
     cmp = sub.add_parser("compact", help="merge small and mostly-dead feature files now; publishes the result")
     _common(cmp)
+    upd = sub.add_parser("update", help="delta run over new or changed rows (--set source.path=...); publishes "
+                                        "delta shards beside the index in minutes")
+    _common(upd)
+    dele = sub.add_parser("delete", help="tombstone product ids in the published index; the service drops them "
+                                         "within serve.poll_interval_s")
+    dele.add_argument("ids", nargs="*", metavar="ID", help="product ids to delete")
+    dele.add_argument("--from", dest="from_file", default=None, metavar="FILE",
+                      help="a file of product ids, one per line ('-': stdin)")
+    _common(dele)
     srv = sub.add_parser("serve", help="the search service on the last published index")
     _common(srv)
     val = sub.add_parser("validate", help="validate a built index version; non-zero exit when it fails")
@@ -116,6 +125,37 @@ def cmd_compact(args) -> int:
     return EXIT_OK
 
 
+def cmd_update(args) -> int:
+    from engine import pipeline
+
+    cfg = load(args)
+    try:
+        rep = pipeline.update(cfg)
+    except pipeline.RunFailed as exc:
+        print(f"lookalike update: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps({k: rep.get(k) for k in ("status", "index_version", "counts", "delta", "seconds")}))
+    return EXIT_OK
+
+
+def cmd_delete(args) -> int:
+    from engine import tombstones
+    from engine.storage import Storage
+
+    cfg = load(args)
+    ids = list(args.ids)
+    if args.from_file:
+        with (sys.stdin if args.from_file == "-" else open(args.from_file, encoding="utf-8")) as f:
+            ids += [line.strip() for line in f if line.strip()]
+    try:
+        out = tombstones.delete(Storage.from_config(cfg.storage), cfg.embed.model_version, ids)
+    except tombstones.TombstoneError as exc:
+        print(f"lookalike delete: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(out))
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     from serve import app
 
@@ -149,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level or "INFO", args.log_format or "text")  # until the config says otherwise
     try:
-        return {"demo": cmd_demo, "run": cmd_run, "compact": cmd_compact, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
+        return {"demo": cmd_demo, "run": cmd_run, "compact": cmd_compact, "update": cmd_update,
+                "delete": cmd_delete, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except config.ConfigError as exc:
         print(f"lookalike {args.command}: config error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE

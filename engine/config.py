@@ -278,6 +278,8 @@ class IndexConfig(_Section):
     max_shard_size: int = Field(50_000, ge=1, description="items per Annoy shard; a category splits above it")
     seed: int = Field(0, description="Annoy build seed: the same features give the same index")
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs per shard build task (Annoy n_jobs)")
+    rebuild_fraction: float = Field(0.1, ge=0, description="the daily run rebuilds a category whose delta shards "
+                                    "and tombstones (lookalike update/delete) pass this share of its base")
     categories: dict[str, IndexParams] = Field(default_factory=dict, description="per-category overrides")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     filter_columns: dict[str, Literal["bool", "string", "int", "float"]] = Field(
@@ -341,6 +343,8 @@ class ServeConfig(_Section):
     replica_cpus: float = Field(0.0, ge=0, description="0 on a shared single machine; real numbers on a cluster")
     cache_dir: str = Field(".lookalike-cache", description="local copy of remote indexes, mmap'd from here")
     reload_interval_s: float = Field(10.0, gt=0, description="how often replicas look for a newer LATEST")
+    poll_interval_s: float = Field(30.0, gt=0, description="how often replicas look for new tombstones "
+                                   "(lookalike delete) of the version they serve")
     encoder_batch_size: int = Field(16, ge=1)
     encoder_batch_wait_s: float = Field(0.005, ge=0)
     searcher_groups: int = Field(1, ge=0, description="Searcher deployments; an index's shards are spread over "

@@ -105,7 +105,10 @@ def write_category(root, prefix: tuple, category: str, ids_parts: list, sources:
     ids = pa.concat_arrays([pq.read_table(storage.path(*p), columns=["product_id"], filesystem=storage.fs)
                             .column("product_id").combine_chunks().cast(pa.string()) for p in ids_parts]) \
         if ids_parts else pa.array([], pa.string())
+    before = previous_table(storage, sources.previous[category]) if category in sources.previous else None
     tables = [t for t in ray.get(list(sources.catalog)) if t.num_rows]
+    if before is not None and before.num_rows:  # after the run's catalog: rows an update's catalog lacks
+        tables.append(before.select([c for c in before.column_names if c == "product_id" or c in sources.columns]))
     catalog = pa.concat_tables(tables, promote_options="default") if tables else pa.table({"product_id": pa.array([], pa.string())})
     out = {"product_id": ids, **rows(ids, catalog, sources.columns)}
     keys = ray.get(sources.keys) if sources.keys is not None else None
@@ -113,8 +116,8 @@ def write_category(root, prefix: tuple, category: str, ids_parts: list, sources:
         key = keys.column("content_key").combine_chunks().take(
             pc.index_in(ids, value_set=keys.column("product_id").combine_chunks()))
         candidates = [thumbs.new_entries(storage, prefix[1], sources.since, sources.until)]
-        if category in sources.previous:
-            candidates.append(previous_entries(storage, sources.previous[category]))
+        if before is not None:
+            candidates.append(previous_entries(before))
         found = thumbs.match(ids, key, pa.concat_tables(candidates))
         out.update({"thumb_pack": found["pack"], "thumb_offset": found["offset"], "thumb_length": found["length"],
                     "thumb_etag": found["etag"], "thumb_key": found["content_key"]})
@@ -139,13 +142,17 @@ def write_category(root, prefix: tuple, category: str, ids_parts: list, sources:
     return entry
 
 
-def previous_entries(storage: Storage, parts: tuple) -> pa.Table:
-    """The thumbnail entries of an earlier version's display file (empty when it has none)."""
+def previous_table(storage: Storage, parts: tuple) -> pa.Table | None:
+    """An earlier version's display file (None when it is gone)."""
     try:
         with storage.fs.open(storage.path(*parts), "rb") as f:
-            table = pa.ipc.open_file(pa.py_buffer(f.read())).read_all()
+            return pa.ipc.open_file(pa.py_buffer(f.read())).read_all()
     except FileNotFoundError:
-        return thumbs.ENTRY_SCHEMA.empty_table()
+        return None
+
+
+def previous_entries(table: pa.Table) -> pa.Table:
+    """The thumbnail entries of an earlier version's display file (empty when it has none)."""
     if "thumb_pack" not in table.column_names:
         return thumbs.ENTRY_SCHEMA.empty_table()
     return pa.table({"product_id": table.column("product_id"), "content_key": table.column("thumb_key"),
@@ -168,8 +175,9 @@ def write(root, prefix: tuple, categories: dict[str, dict], sources: Sources) ->
     task = ray.remote(num_cpus=0.25)(write_category)
     jobs = []
     for category, entry in categories.items():
-        owner = ("indexes", prefix[1], entry.get("version") or prefix[2])
-        ids_parts = [(*owner, category, s["ids"]) for s in sorted(entry["shards"], key=lambda s: s["shard"])]
+        owner = entry.get("version") or prefix[2]  # a delta shard names its own version (engine/delta.py)
+        ids_parts = [("indexes", prefix[1], s.get("version") or owner, category, s["ids"])
+                     for s in sorted(entry["shards"], key=lambda s: s["shard"])]
         jobs.append((category, task.remote(root, prefix, category, ids_parts, sources)))
     for category, ref in jobs:
         categories[category] = {**categories[category], "display": ray.get(ref)}

@@ -50,6 +50,8 @@ def _references(storage: Storage, line: str, versions: list[str]) -> set[tuple[s
         out |= {(owner(m, c), c) for c in m.get("categories", {})}
         out |= {(s["attrs_version"], c) for c, e in m.get("categories", {}).items()  # filter columns
                 for s in e.get("shards", []) if s.get("attrs_version")}
+        out |= {(e["version"], c) for c, entry in m.get("categories", {}).items() for e in entry["shards"]
+                if e.get("version")}  # delta shards (engine/delta.py) live in their own version's folder
         out |= {(e["display"]["version"], c) for c, e in m.get("categories", {}).items() if e.get("display")}
     return out
 

@@ -336,8 +336,16 @@ def owner(manifest: dict, category: str) -> str:
     return manifest["categories"][category].get("version") or manifest["index_version"]
 
 
-def shard_prefix(manifest: dict, category: str) -> tuple[str, str, str]:
-    return version_prefix(manifest["model_version"], owner(manifest, category))
+def shard_prefix(manifest: dict, category: str, entry: dict | None = None) -> tuple[str, str, str]:
+    """The folder of a category's shards; a shard entry naming its own ``version`` (a delta shard
+    added by ``lookalike update``, engine/delta.py) lives in that version's folder."""
+    own = (entry or {}).get("version")
+    return version_prefix(manifest["model_version"], own or owner(manifest, category))
+
+
+def generation(entry: dict) -> int:
+    """A shard's delta generation: 0 for a base shard, g for the shards of the g-th update since."""
+    return int(entry.get("delta", 0))
 
 
 def category_params(manifest: dict, category: str) -> dict:
@@ -370,7 +378,7 @@ def local_copy(storage: Storage, cache_dir: str, parts: tuple, sha: str | None =
 
 def cached_files(manifest: dict) -> set[str]:
     """The cache paths (relative to the cache dir) of every file a version reads."""
-    return {"/".join(shard_prefix(manifest, cat) + (cat, e[k])) for cat, entry in manifest["categories"].items()
+    return {"/".join(shard_prefix(manifest, cat, e) + (cat, e[k])) for cat, entry in manifest["categories"].items()
             for e in entry["shards"] for k in ("index", "ids")} | {
         "/".join(attrs_parts(manifest["model_version"], cat, e)) for cat, entry in manifest["categories"].items()
         for e in entry["shards"] if e.get("attrs")} | {
@@ -608,7 +616,7 @@ class Directory:
 
     @classmethod
     def load(cls, storage: Storage, manifest: dict, cache_dir: str, verify: bool = True) -> "Directory":
-        return cls([(cat, e["shard"], *read_ids(storage, shard_prefix(manifest, cat), cat, e, cache_dir, verify))
+        return cls([(cat, e["shard"], *read_ids(storage, shard_prefix(manifest, cat, e), cat, e, cache_dir, verify))
                     for cat, entry in manifest["categories"].items() for e in entry["shards"]])
 
     def __len__(self) -> int:
@@ -679,10 +687,9 @@ class LoadedIndex:
         try:
             for name, entry in manifest["categories"].items():
                 params = category_params(manifest, name)
-                prefix = shard_prefix(manifest, name)
                 for e in entry["shards"]:
                     if select is None or select(name, e["shard"]):
-                        shards.append(Shard.load(storage, prefix, name, e, manifest["dim"], params, cache_dir, verify))
+                        shards.append(Shard.load(storage, shard_prefix(manifest, name, e), name, e, manifest["dim"], params, cache_dir, verify))
         except BaseException:
             for s in shards:
                 s.close()

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import (catalog, compact, display, download, features, gc, index, manifest, metrics, notify, plan, publish,
-                    raycluster, validate)
+from engine import (catalog, compact, delta, display, download, features, gc, index, manifest, metrics, notify, plan,
+                    publish, raycluster, tombstones, validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -77,6 +77,11 @@ def pool(configured: int, rows: int, per_actor: int) -> int:
     return max(1, min(configured, math.ceil(rows / per_actor)))
 
 
+def reblock(batch: pa.Table) -> pa.Table:
+    """Identity: the map's batch size cuts the planned work into feature-shard-sized blocks."""
+    return batch
+
+
 def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work: list, rows: int,
                   detect_version: str, throttle=None):
     """The streaming plan over the rows that need computing (``work``: refs of Arrow tables from
@@ -89,7 +94,10 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work:
     gcs = storage.options  # workers get GCS settings from here, never from the driver's environment
     # Bounded blocks all the way down: each becomes one committed feature shard, so a crash
     # loses at most the shards in flight (a whole-file block would commit only at the end).
-    ds = ray.data.from_arrow_refs(work).repartition(target_num_rows_per_block=cfg.storage.feature_batch_rows)
+    # A quarter-CPU map, not repartition(): its 1-CPU tasks wait forever once the actor pools
+    # hold all but a fraction of a small cluster (a run beside the service on one machine).
+    ds = ray.data.from_arrow_refs(work).map_batches(reblock, batch_size=cfg.storage.feature_batch_rows,
+                                                    batch_format="pyarrow", num_cpus=0.25)
     detecting = cfg.detect.in_pipeline
     fetch = cfg.download.model_copy(update={"actors": pool(cfg.download.actors, rows, 4 * cfg.download.batch_size)})
     ds = download.apply(ds, fetch, cfg.embed.image_size, throttle, storage_options=gcs,
@@ -117,15 +125,18 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work:
 REJECT_COLUMNS = tuple(plan.REJECT_SCHEMA.names)
 
 
-def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str) -> plan.Plan:
-    """The run's plan: the catalog joined with the stored state (engine.plan)."""
+def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
+              gone: pa.Table | None = None) -> plan.Plan:
+    """The run's plan: the catalog joined with the stored state (engine.plan); ``gone``: deletes
+    (engine.tombstones) folded in, so those products leave unless the catalog brings them back changed."""
     sources = plan.StateSources.find(storage, cfg.embed.model_version, list(cfg.embed.models()), run_id)
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
     shown = tuple(cfg.serve.display_columns)
-    return plan.make(catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
-                                  optional=shown),
-                     sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns, display.wanted(cfg))
+    ds = catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
+                      optional=shown)
+    return plan.make(tombstones.fold(ds, gone) if gone is not None else ds, sources, settings, cfg.plan.bucket_rows,
+                     cfg.index.filter_columns, display.wanted(cfg))
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:
@@ -238,25 +249,28 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
            before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
-           attributes: list | None = None, shown: list | None = None) -> None:
+           attributes: list | None = None, shown: list | None = None, seen: list[str] | None = None) -> None:
     """After the stream: compact, commit the manifest (a delta on ``before``), build the index
     (categories nobody changed keep their shards), validate, publish, collect garbage.
 
     ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
     rows that leave; ``min_small``: see compact.choose; ``shown``: the plan's display projections
-    (engine.display; None: the version's categories keep the display files they had). Every step writes new things before anything refers to them, and deletes only
+    (engine.display; None: the version's categories keep the display files they had); ``seen``: the
+    base's tombstone files the plan folded. Every step writes new things before anything refers to them, and deletes only
     after publish what no kept version refers to, so a crash anywhere is finished by the next run.
     """
     mv = cfg.embed.model_version
     base_version = base.version if base.version and manifest.exists(storage, mv, base.version) else None
     changed = set(pc.unique(added.column("category")).to_pylist()) | set(pc.unique(removed.column("category")).to_pylist())
+    previous = index.read_manifest(storage, mv, base_version) \
+        if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
+    if previous is not None:  # lookalike update/delete since: merge (rebuild) or carry (engine/delta.py)
+        changed |= delta.to_rebuild(storage, previous, cfg.index.rebuild_fraction)
     with report.stage("compact"):
         state, meta = commit_manifest(storage, cfg, report, version, base_version, before, added, removed, min_small)
     del before  # the caller passes it without keeping it: the old state is freed before the index build
     report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
-        previous = index.read_manifest(storage, mv, base_version) \
-            if base_version and storage.exists(*index.version_prefix(mv, base_version), index.MANIFEST) else None
         sources = display.Sources(shown, display.wanted(cfg)) if shown is not None else None  # titles, thumbnails
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
                                     attributes=attributes, display=sources)
@@ -269,6 +283,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
         raise RunFailed("index failed validation, not published: " + "; ".join(result["failures"]), report.data)
     with report.stage("publish"):
         report.data["publish"] = publish.publish(storage, mv, version, cfg.storage.keep_versions, expected=base)
+        if seen is not None:  # deletes written to the old version while this run worked
+            report.data["publish"]["late_deletes_carried"] = tombstones.carry(storage, mv, base.version, version, seen)
     with report.stage("gc"):
         report.data["gc"] = gc.collect(storage, mv, cfg.storage.keep_versions)
     report.data["index_uri"] = storage.uri(*index.version_prefix(mv, version))
@@ -304,6 +320,13 @@ def _unchanged(counts: dict) -> bool:
     return counts["ok"] == 0 and counts["removed"] == 0 and counts["duplicates"] == 0
 
 
+def _folding(storage: Storage, mv: str, base: publish.Pointer, cfg: Config) -> bool:
+    """The published version has deltas or tombstones a run must merge, even if the catalog is unchanged."""
+    if not base.version or not storage.exists(*index.version_prefix(mv, base.version), index.MANIFEST):
+        return False
+    return delta.pending(storage, index.read_manifest(storage, mv, base.version), cfg.index.rebuild_fraction)
+
+
 def _plan_throughput(report: Report, change) -> None:
     """The catalog read and the bucket plan run as Ray tasks before the stream: their measured
     rates (catalog rows over wall seconds, the tasks' parallelism included) go into the projection."""
@@ -329,12 +352,15 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
                        raycluster.gpus_available() if device == "cuda" else 0.0)
             report.data["device"] = device
             base = publish.read_pointer(storage, mv)  # publish succeeds only if LATEST is still this
+            seen = tombstones.names(storage, mv, base.version) if base.version else []
+            gone = tombstones.deletes(tombstones.read(storage, mv, base.version, only=seen)) if seen else None
         with report.stage("plan"):
             detect_version = cfg.detect.signature()  # hashes the detector's weights: once a run
-            change = make_plan(cfg, storage, run_id, detect_version)
+            change = make_plan(cfg, storage, run_id, detect_version, gone)
+            report.data["plan"] = {"deletes_folded": gone.num_rows if gone is not None else 0}
             start_counts(report, change)
             report.data["known_features"] = change.counts.get("state_rows", 0)
-            report.data["plan"] = {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
+            report.data["plan"] |= {"buckets": change.buckets, "work_rows": change.counts.get("work", 0),
                                    "peak_rss_mb": change.peak_rss_mb, "seconds": change.seconds}
             _plan_throughput(report, change)
         work = change.counts.get("work", 0)
@@ -356,13 +382,15 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         if counts["indexed"] == 0:
             raise RunFailed("no image could be processed; nothing to index (see rejects.parquet)", report.data)
         check_reject_ratio(report.data, cfg.download.max_reject_ratio)
-        if not cfg.plan.publish_unchanged and _unchanged(counts) and not change.counts.get("resumed"):
+        if not cfg.plan.publish_unchanged and _unchanged(counts) and not change.counts.get("resumed") \
+                and not _folding(storage, mv, base, cfg):
             report.data["index_version"] = publish.latest(storage, mv)
             report.finish("unchanged")
             return report.data
         resumed, removed = _change(change)
         finish(cfg, storage, report, run_id, base, base_state(storage, mv, base)[1],
-               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display)
+               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display,
+               seen=seen)
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
@@ -371,6 +399,59 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
     except Exception as exc:
         report.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise RunFailed(f"{report.current or 'run'} failed: {type(exc).__name__}: {exc}", report.data) from exc
+
+
+def update(cfg: Config, run_id: str | None = None) -> dict:
+    """One delta run; returns its report (``status`` published or unchanged) or raises RunFailed."""
+    t0 = time.monotonic()
+    run_id = run_id or new_run_id()
+    storage = Storage.from_config(cfg.storage)
+    mv = cfg.embed.model_version
+    report = Report(run_id, mv, storage)
+    report.data["kind"] = "update"
+    try:
+        with report.stage("connect"):
+            raycluster.connect(cfg.ray)
+            device = raycluster.embed_device(cfg.embed.device)
+            base = publish.read_pointer(storage, mv)
+            if not base.version or not manifest.exists(storage, mv, base.version):
+                raise RunFailed(f"nothing published for {mv} to update; run `lookalike run` first", report.data)
+            seen = tombstones.names(storage, mv, base.version)
+        with report.stage("plan"):
+            detect_version = cfg.detect.signature()
+            change = make_plan(cfg, storage, run_id, detect_version)
+            start_counts(report, change)
+        work = change.counts.get("work", 0)
+        if not work:
+            report.data["index_version"] = base.version
+            report.finish("unchanged")
+            return report.data
+        with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
+            ds = build_dataset(cfg, run_id, device, storage, change.work, work, detect_version, throttle)
+            fresh, _ = _consume(ds, report, storage, run_id, cfg, detect_version, change)
+        report.data["counts"]["indexed"] = fresh.num_rows
+        if not fresh.num_rows:
+            raise RunFailed("no row of the update could be processed; nothing published (see rejects.parquet)",
+                            report.data)
+        with report.stage("index"):
+            base_manifest = index.read_manifest(storage, mv, base.version)
+            before = manifest.read_state(storage, mv, base.version)
+            shown = display.Sources(change.display, display.wanted(cfg)) if change.display is not None else None
+            built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes, shown)
+        report.data["delta"] = built
+        with report.stage("publish"):
+            report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
+            report.data["delta"]["late_deletes_carried"] = tombstones.carry(storage, mv, base.version, run_id, seen)
+        report.data["index_version"] = run_id
+        report.data["seconds"] = round(time.monotonic() - t0, 3)
+        report.finish("published")
+        return report.data
+    except (RunFailed, publish.PublishConflict) as exc:
+        report.finish("failed", error=str(exc))
+        raise RunFailed(str(exc), report.data) from None
+    except Exception as exc:
+        report.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise RunFailed(f"{report.current or 'update'} failed: {type(exc).__name__}: {exc}", report.data) from exc
 
 
 def compact_store(cfg: Config, version: str | None = None) -> dict:

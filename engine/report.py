@@ -139,9 +139,9 @@ class Report:
             self._emit("on_finish", self.data)
 
 
-STREAM_STAGES = (("Read", "read"), ("PlanStage", "plan"), ("Repartition", "repartition"),
-                 ("DownloadStage", "download"), ("DetectStage", "detect"), ("EmbedStage", "embed"),
-                 ("write_batch", "store"))
+STREAM_STAGES = (("Read", "read"), ("PlanStage", "plan"), ("DownloadStage", "download"),
+                 ("DetectStage", "detect"), ("EmbedStage", "embed"), ("write_batch", "store"),
+                 ("reblock", "repartition"))  # last: fused into the download pool, it is download time
 
 
 def _stage_of(operator: str) -> str | None:

@@ -29,6 +29,7 @@ from engine.storage import gcs_options
 from serve import auth, errors, filters, page, upload
 from serve.encoder import Encoder
 from serve.errors import ApiError
+from serve.fresh import Fresh, live
 from serve.models import UPLOAD_BODY, Health, SearchAnswer, SimilarAnswer, VersionInfo, errors as codes
 from serve.routing import Routing, call_within, categories, fan_out
 from serve.searcher import Searcher, ShardGroup
@@ -57,6 +58,8 @@ class SearchAPI:
         self.encoder, self.searchers = encoder, searchers or [ShardGroup(self.cfg, 0, 1)]
         self.auth = auth.Authorizer(self.cfg.serve, auth_sha256)  # serve.auth: token or iap (serve/auth.py)
         self.swapper = Swapper(self.cfg, self.searchers, self.cfg.serve.searcher_replicas)
+        self.fresh = Fresh(self.swapper.storage, self.cfg.embed.model_version, self.cfg.serve.poll_interval_s)
+        self.fresh.start(lambda: [self.swapper.active and self.swapper.active.version])  # deleted ids: 404
         self.decoders = ThreadPoolExecutor(self.cfg.serve.decode_threads, thread_name_prefix="decode")
         self.pending = 0  # uploads decoding or waiting to; bounded by serve.max_pending_uploads
 
@@ -133,7 +136,8 @@ class SearchAPI:
         routing = self._routing()
         k = self._k(k)
         filter = self._filter(filter)
-        found = routing.directory.lookup(product_id)
+        found = live(routing.directory.lookup(product_id), self.fresh.get(routing.version), routing.manifest,
+                     product_id)
         if not found:
             raise ApiError(404, f"unknown product_id {product_id!r} in index {routing.version}")
         cats = categories(routing, category)

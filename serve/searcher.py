@@ -28,9 +28,15 @@ from engine.index import IndexLoadError, LoadedIndex, Location, prune_cache, rea
 from engine.storage import Storage
 from serve import filters
 from serve.filters import FilterError
+from serve.fresh import Fresh
 
 log = logging.getLogger("lookalike.serve")
 MASK_CACHE = 64  # filter masks kept per searcher (one bool per item of a shard each)
+
+
+def both(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """A shard's keep mask from a filter's and the tombstones' (either may be None: all kept)."""
+    return b if a is None else a if b is None else a & b
 
 
 def assign(manifest: dict, groups: int) -> dict[tuple[str, int], int]:
@@ -148,7 +154,9 @@ class ShardGroup:
         self.pool = ThreadPoolExecutor(serve_cfg.searcher_threads, thread_name_prefix=f"annoy-{group}")
         self.latest: str | None = None
         self.masks: OrderedDict = OrderedDict()  # (version, category, shard, filter) -> bool mask
+        self.fresh = Fresh(self.store.storage, self.store.model_version, serve_cfg.poll_interval_s)  # tombstones
         self._poll()  # a fresh replica starts warm on LATEST
+        self.fresh.start(lambda: [self.latest, self.store.last_asked])
         threading.Thread(target=self._watch, name=f"searcher-{group}-watch", daemon=True).start()
 
     def _poll(self) -> None:
@@ -176,6 +184,7 @@ class ShardGroup:
             index = self.store.load(version)
         except IndexLoadError as exc:
             return {"ok": False, "group": self.group, "version": version, "error": str(exc)}
+        self.fresh.refresh(version)  # its tombstones before it is switched to
         return {"ok": True, "group": self.group, "version": version,
                 "shards": sorted(f"{c}/{n}" for c, n in index.shards), "items": sum(index.counts().values())}
 
@@ -204,10 +213,12 @@ class ShardGroup:
             if location is not None:
                 vector = index.vector(Location(*location)).tolist()
             shards = [s for c in categories for s in index.categories.get(c, [])]
+            dead = self.fresh.get(version)
             try:
-                keeps = [self._keep(version, s, filter) for s in shards] if filter else [None] * len(shards)
+                keeps = [self._keep(version, s, filter) if filter else None for s in shards]
             except FilterError as exc:
                 return {"version": version, "group": self.group, "vector": None, "hits": [], "error": str(exc)}
+            keeps = [both(keep, dead.mask(s)) for s, keep in zip(shards, keeps)]
             parts = await asyncio.gather(*[loop.run_in_executor(self.pool, partial(s.search, vector, n, keep=keep))
                                            for s, keep in zip(shards, keeps)])
         hits = [(s.category, ids, np.asarray(scores).tolist()) for s, (ids, scores) in zip(shards, parts)]
