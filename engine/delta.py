@@ -52,13 +52,14 @@ def to_rebuild(storage: Storage, manifest_: dict, fraction: float) -> set[str]:
     vectors (deleted or superseded: only a rebuild drops them) and those whose delta shards pass
     ``fraction`` of their base items. Others keep their shards, deltas included."""
     dead = tombstones.read(storage, manifest_["model_version"], manifest_["index_version"])
-    out = {c for c, (base, extra) in delta_counts(manifest_).items() if extra > fraction * max(base, 1)}
+    counts = delta_counts(manifest_)
+    out = {c for c, (base, extra) in counts.items() if extra > fraction * max(base, 1)}
     if dead.num_rows:
         ids = dead.column("product_id")
         state = manifest.read_state(storage, manifest_["model_version"], manifest_["index_version"], columns=[])
         hit = state.filter(pc.is_in(state.column("product_id"), value_set=ids))
         out |= set(pc.unique(hit.column("category")).to_pylist())
-        out |= {c for c, (base, extra) in delta_counts(manifest_).items() if extra}  # superseded rows sit in base
+        out |= {c for c, (base, extra) in counts.items() if extra}  # superseded rows sit in base
     return out
 
 
@@ -118,24 +119,26 @@ def build_delta(cfg: Config, storage: Storage, version: str, base: dict, before:
         cat["shards"].append(e)
         cat["count"] += e["count"]
     ids = pc.unique(fresh.column("product_id"))
+    updated = pc.is_in(before.column("product_id"), value_set=ids)  # the base rows this update replaces
     grown = {spec["category"] for spec in specs}
     if display is not None and grown:
-        kept = before.filter(pc.invert(pc.is_in(before.column("product_id"), value_set=ids)))
-        keys = pa.concat_tables([fresh.select(["product_id", "content_key"]),
-                                 kept.select(["product_id", "content_key"]).cast(fresh.select(["product_id", "content_key"]).schema)])
+        fresh_keys = fresh.select(["product_id", "content_key"])
+        kept = before.filter(pc.invert(updated)).select(fresh_keys.column_names).cast(fresh_keys.schema)
+        keys = pa.concat_tables([fresh_keys, kept])
         touched = {c: categories[c] for c in grown}
         display.complete(keys, base, mv, version).write(storage, prefix, touched)
         categories.update(touched)
     # tombstones: the base's, less any the update brings back, plus the changed products' old vectors
     inherited = tombstones.read(storage, mv, base["index_version"])
     inherited = inherited.filter(pc.invert(pc.is_in(inherited.column("product_id"), value_set=ids)))
-    old = pc.unique(before.filter(pc.is_in(before.column("product_id"), value_set=ids)).column("product_id"))
+    replaced = before.filter(updated)
+    old = pc.unique(replaced.column("product_id"))
     superseded = pa.table({"product_id": old, "before": pa.array([gen] * len(old), pa.int32()),
                            "content_key": pa.nulls(len(old), pa.string())})
     dead = pa.concat_tables([inherited.cast(tombstones.SCHEMA), superseded.cast(tombstones.SCHEMA)])
     if dead.num_rows:
         tombstones.write(storage, mv, version, dead)
-    removed = before.filter(pc.is_in(before.column("product_id"), value_set=ids)).select(manifest.KEY)
+    removed = replaced.select(manifest.KEY)
     meta = manifest.write(storage, mv, version, base["index_version"], fresh, removed)
     out = {"format": index.FORMAT, "model_version": mv, "index_version": version, "run_id": version,
            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": base["dim"],

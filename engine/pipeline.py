@@ -271,9 +271,8 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     del before  # the caller passes it without keeping it: the old state is freed before the index build
     report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
-        sources = display.Sources(shown, display.wanted(cfg)) if shown is not None else None  # titles, thumbnails
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
-                                    attributes=attributes, display=sources)
+                                    attributes=attributes, display=display_sources(cfg, shown))
     report.data["index_build"] = built["build"]
     report.data["index_version"] = version
     with report.stage("validate"):
@@ -288,6 +287,11 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     with report.stage("gc"):
         report.data["gc"] = gc.collect(storage, mv, cfg.storage.keep_versions)
     report.data["index_uri"] = storage.uri(*index.version_prefix(mv, version))
+
+
+def display_sources(cfg: Config, projections: list | None):
+    """What the version's display files (titles, thumbnails) are made of; None: keep the ones it had."""
+    return display.Sources(projections, display.wanted(cfg)) if projections is not None else None
 
 
 def commit_manifest(storage: Storage, cfg: Config, report: Report, version: str, base_version: str | None,
@@ -436,8 +440,8 @@ def update(cfg: Config, run_id: str | None = None) -> dict:
         with report.stage("index"):
             base_manifest = index.read_manifest(storage, mv, base.version)
             before = manifest.read_state(storage, mv, base.version)
-            shown = display.Sources(change.display, display.wanted(cfg)) if change.display is not None else None
-            built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes, shown)
+            built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes,
+                                      display_sources(cfg, change.display))
         report.data["delta"] = built
         with report.stage("publish"):
             report.data["publish"] = publish.publish(storage, mv, run_id, cfg.storage.keep_versions, expected=base)
