@@ -119,14 +119,6 @@ def run_filters(items: int, dim: int, queries: int) -> dict:
             "filtered_p50_over_unfiltered_10pct": round(p50["10pct"] / unfiltered, 3), "k_short_answers": short}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cli(*argv: str) -> dict:
     """``lookalike ARGV`` in this process (the Ray cluster the service runs on); its JSON line."""
     from engine.cli import main as lookalike
@@ -217,7 +209,7 @@ def run_updates(products: int, deletes: int, upserts: int, sets: list[str]) -> d
     with tempfile.TemporaryDirectory(prefix="bench-freshness-") as tmp:
         catalog_path, root = f"{tmp}/demo/catalog.parquet", f"{tmp}/store"
         overrides = [f"source.path={catalog_path}", f"storage.root={root}", f"serve.cache_dir={tmp}/cache",
-                     f"serve.port={free_port()}", demo.DEMO_FILTERS, *sets]
+                     f"serve.port={demo.free_port()}", demo.DEMO_FILTERS, *sets]
         cfg = config.load(None, overrides)
         sample.make_catalog(f"{tmp}/demo", products)
         first = pipeline.run(cfg)

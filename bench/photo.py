@@ -41,14 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import config, demo, outfits, pipeline, raycluster, sample  # noqa: E402
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TARGETS = {"search_minus_similar": -0.03, "self_at_1": 0.99, "outfit_item_recall_at_10": 0.9,
            "outfit_fine_p10": 0.7, "objects_per_item": 1.1}
 
@@ -142,7 +134,7 @@ def main(argv=None) -> int:
     os.environ.update(raycluster.loopback_env())
     with tempfile.TemporaryDirectory(prefix="bench-photo-") as tmp:
         cfg = config.load(None, [f"source.path={tmp}/demo/catalog.parquet", f"storage.root={tmp}/store",
-                                 f"serve.cache_dir={tmp}/cache", f"serve.port={free_port()}", *args.set])
+                                 f"serve.cache_dir={tmp}/cache", f"serve.port={demo.free_port()}", *args.set])
         sample.make_catalog(f"{tmp}/demo", args.products)
         rep = pipeline.run(cfg)
         from ray import serve

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import config, index, publish, raycluster, synthetic  # noqa: E402
+from engine import config, demo, index, publish, raycluster, synthetic  # noqa: E402
 from engine.storage import Storage  # noqa: E402
 
 MV = "effnet-lite0-512-v1"
@@ -47,14 +47,6 @@ TARGET_RATIO = 1.5
 
 def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_versions(root: str, per_category: int, dim: int) -> dict:
@@ -198,7 +190,7 @@ def main() -> int:
                      _temp_dir=os.path.join(workdir, "ray"))
         build_s = build_versions(root, args.per_category, args.dim)
         publish.publish(Storage(root), MV, "v1", keep=5)
-        port = free_port()
+        port = demo.free_port()
         cfg = config.load(None, [f"source.path={root}/unused.parquet", f"storage.root={root}",
                                  f"serve.cache_dir={workdir}/cache", f"serve.port={port}", f"embed.dim={args.dim}",
                                  f"serve.searcher_groups={args.groups}", "serve.reload_interval_s=0.5"])

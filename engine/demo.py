@@ -25,6 +25,15 @@ SHOWN = 5
 THUMB = 96
 
 
+def free_port() -> int:
+    """A free port on 127.0.0.1, for the demo's benches (bench/) to start a service on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def http_json(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
               timeout: float = 60) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
