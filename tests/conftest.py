@@ -1,8 +1,12 @@
 """One loopback-only Ray cluster per test session, and a small published index built through it."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -20,23 +24,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def ray_temp_dir(prefix: str):
+    """A short temp dir for a Ray cluster, removed at the end. Ray puts AF_UNIX sockets under it
+    (session_<date>_<pid>/sockets/dash_MetricsHead) and those paths are capped at 107 bytes: a
+    pytest basetemp such as /tmp/pytest-of-<user>/pytest-105/serve-head0 leaves too little room."""
+    temp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+    try:
+        yield temp
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """The session's Ray cluster; subprocesses join it through RAY_ADDRESS."""
     import ray
 
-    temp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, _temp_dir=str(temp), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    assert address.startswith("127.0.0.1:"), address
-    yield address
-    try:
-        from ray import serve
+    with ray_temp_dir("lk-ray") as temp:
+        ray.init(num_cpus=2, _temp_dir=str(temp), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+        try:
+            from ray import serve
 
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 # Rows a real catalog export contains sooner or later; each must become a reject row.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, ray_temp_dir
 from engine import publish, sample
 from engine.storage import Storage
 
@@ -72,10 +72,9 @@ def ray_head(temp: Path, worker_ports: int = 40):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     """(dashboard URL, metrics port, temp dir) of this module's `ray start --head` cluster."""
-    temp = tmp_path_factory.mktemp("rayhead")
-    with ray_head(temp) as (url, ports):
+    with ray_temp_dir("lk-head") as temp, ray_head(temp) as (url, ports):
         yield url, ports["metrics-export-port"], temp
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, ray_temp_dir
 from test_job_submit import _env, ray_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,8 +25,8 @@ BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    with ray_head(tmp_path_factory.mktemp("serve-head"), worker_ports=60) as (url, _):
+def head():
+    with ray_temp_dir("lk-serve") as temp, ray_head(temp, worker_ports=60) as (url, _):
         yield url
 
 
