@@ -17,6 +17,7 @@ last time, so ``RunPush`` also pushes the finished run's numbers to a Pushgatewa
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -33,26 +34,67 @@ def _ray_ready() -> bool:
         return False
 
 
+# Metric objects per process, made once (Ray's recommendation; a series per object otherwise).
+_MADE: dict[str, dict] = {}
+# Ray stops exporting a gauge some seconds after it was last set and the agent then drops the
+# series, so a run's final numbers (index size, stage seconds) and the version a replica serves
+# would vanish from the dashboard while the process still lives: held gauges are set again every
+# HOLD_EVERY_S. (name, tags) -> (gauge, value, tags); bounded by what callers hold (see release).
+HOLD_EVERY_S = 5.0
+_held: dict[tuple, tuple] = {}
+_held_lock = threading.Lock()
+_keeper: threading.Thread | None = None
+
+
+def _keep() -> None:
+    while True:
+        time.sleep(HOLD_EVERY_S)
+        if not _ray_ready():
+            continue
+        with _held_lock:
+            held = list(_held.values())
+        for gauge, value, tags in held:
+            try:
+                gauge.set(value, tags=tags)
+            except Exception:  # noqa: BLE001 - a metrics hiccup never stops the keeper
+                log.debug("metrics: holding %s failed", gauge, exc_info=True)
+
+
+def hold(gauge, name: str, value: float, tags: dict) -> None:
+    """``gauge.set(value, tags)`` now and every HOLD_EVERY_S after, until ``release``d or replaced."""
+    global _keeper
+    gauge.set(value, tags=tags)
+    with _held_lock:
+        _held[(name, tuple(sorted(tags.items())))] = (gauge, value, tags)
+        if _keeper is None:
+            _keeper = threading.Thread(target=_keep, name="lookalike-metrics-hold", daemon=True)
+            _keeper.start()
+
+
+def release(name: str, keep=lambda tags: False) -> None:
+    """Stop holding ``name``'s series except those whose tags ``keep`` accepts."""
+    with _held_lock:
+        for key in [k for k in _held if k[0] == name and not keep(dict(k[1]))]:
+            del _held[key]
+
+
 class _Metrics:
     """Creates its metric objects on first use, inside a process already connected to Ray."""
-
-    def __init__(self):
-        self._m = None
 
     def _make(self) -> dict:
         raise NotImplementedError
 
     def m(self) -> dict | None:
-        if self._m is None and _ray_ready():
-            self._m = self._make()
-        return self._m
+        kind = type(self).__name__
+        if kind not in _MADE and _ray_ready():
+            _MADE[kind] = self._make()
+        return _MADE.get(kind)
 
 
 class RunMetrics(_Metrics):
     """A Report observer (engine.report): metrics for one pipeline run."""
 
     def __init__(self, root):
-        super().__init__()
         self.root = root
         self.seen: dict[tuple[str, str], int] = {}
         self.stage: str | None = None
@@ -112,7 +154,7 @@ class RunMetrics(_Metrics):
     def on_stage_end(self, name: str, seconds: float) -> None:
         m = self.m()
         if m is not None:
-            m["seconds"].set(seconds, tags={"model_version": self.mv, "stage": name})
+            hold(m["seconds"], "seconds", seconds, {"model_version": self.mv, "stage": name})
         self.stage = None
 
     def on_finish(self, data: dict) -> None:
@@ -122,13 +164,16 @@ class RunMetrics(_Metrics):
         tags = {"model_version": self.mv}
         for name, s in data.get("stages", {}).items():
             if s.get("items_per_s") is not None:
-                m["rate"].set(s["items_per_s"], tags={**tags, "stage": name})
+                hold(m["rate"], "rate", s["items_per_s"], {**tags, "stage": name})
         m["runs"].inc(1, tags={**tags, "status": data["status"]})
-        m["finished"].set(time.time(), tags={**tags, "status": data["status"]})
+        hold(m["finished"], "finished", time.time(), {**tags, "status": data["status"]})
         if data["status"] == "published" and data.get("index_version"):
-            for category, (items, size) in index_sizes(self.root, self.mv, data["index_version"]).items():
-                m["items"].set(items, tags={**tags, "category": category})
-                m["bytes"].set(size, tags={**tags, "category": category})
+            sizes = index_sizes(self.root, self.mv, data["index_version"])
+            for name in ("items", "bytes"):  # a category the new version no longer has stops being shown
+                release(name, lambda t: t["model_version"] != self.mv or t["category"] in sizes)
+            for category, (items, size) in sizes.items():
+                hold(m["items"], "items", items, {**tags, "category": category})
+                hold(m["bytes"], "bytes", size, {**tags, "category": category})
 
 
 SUCCESS = ("published", "unchanged")
@@ -231,10 +276,11 @@ class ServiceMetrics(_Metrics):
         m = self.m()
         if m is None:
             return
+        release("version", lambda t: t["model_version"] != model_version)  # one swap's pair per line
         if previous and previous != version:
-            m["version"].set(0, tags={"model_version": model_version, "index_version": previous})
-        m["version"].set(1, tags={"model_version": model_version, "index_version": version})
-        m["loaded"].set(time.time(), tags={"model_version": model_version})
+            hold(m["version"], "version", 0, {"model_version": model_version, "index_version": previous})
+        hold(m["version"], "version", 1, {"model_version": model_version, "index_version": version})
+        hold(m["loaded"], "loaded", time.time(), {"model_version": model_version})
 
 
 class LatencyMiddleware:
