@@ -35,7 +35,8 @@ CATEGORIES = ("tops", "bottoms", "shoes", "bags")
 BASE_RUN = "20260101T000000Z-base00"
 NOTIONAL_FILE_BYTES = 256 << 20  # full-size feature files: compaction has nothing to merge
 SKIPPED = ["download", "detect", "embed", "feature write (stand-in marks work rows ok)",
-           "index, validate, publish (the manifest commit runs: apply, compaction's choice, diff, write)"]
+           "index, validate, publish (the manifest commit runs: the next state read from the chain, "
+           "compaction's choice, the delta write)"]
 
 
 def generate(rows: int, out: Path) -> None:
@@ -182,17 +183,15 @@ def measure(rows: int, out: Path) -> dict:
     categories = pipeline._categories(change, added)
     removed_rows = sum(t.num_rows for t in ray.get(change.removed))
     book_s = time.monotonic() - t
-    # The manifest commit (apply, compaction's choice, diff, write) on the driver, as finish runs
+    # The manifest commit (next state, compaction's choice, delta write) on the driver, as finish runs
     # it; the stand-in feature file only needs its row count (its footer is all the commit reads).
     storage.makedirs(*stand_in.split("/")[:-1])
     pq.write_table(pa.table({"row": np.arange(max(added.num_rows, 1), dtype=np.int64)}), storage.path(stand_in))
     t = time.monotonic()
     resumed, leaving = pipeline._change(change)
     base = publish.read_pointer(storage, mv)
-    _, before = pipeline.base_state(storage, mv, base)
-    _, meta = pipeline.commit_manifest(storage, cfg, report, run_id, base.version, before,
+    _, meta = pipeline.commit_manifest(storage, cfg, report, run_id, base.version,
                                        pa.concat_tables([added, resumed]), leaving)
-    del before
     commit_s = time.monotonic() - t
     sampler.stop.set()
     sampler.join()

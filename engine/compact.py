@@ -65,9 +65,10 @@ def copy_rows(root, slices: list[tuple[str, np.ndarray]], prefix: tuple, name: s
 
 
 def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, run_id: str,
-            min_small: int | None = None) -> tuple[pa.Table, dict]:
+             min_small: int | None = None) -> tuple[pa.Table, dict]:
     """Rewrite the chosen files' live rows into new files; returns the state with those rows moved
-    and what was done. The new files exist before anything refers to them."""
+    (only its ``file`` and ``row`` columns are rebuilt: no second copy of the state) and what was
+    done. The new files exist before anything refers to them."""
     import ray
 
     target = int(target_mb * MIB)
@@ -76,9 +77,11 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
     if not chosen:
         return state, stats
     moved_files = [f for names in chosen.values() for f in names]
-    mask = pc.is_in(state.column("file"), value_set=pa.array(moved_files, pa.string()))
-    moving = state.filter(mask).sort_by([("file", "ascending"), ("row", "ascending")])
-    staying = state.filter(pc.invert(mask))
+    at = np.flatnonzero(pc.is_in(state.column("file"), value_set=pa.array(moved_files, pa.string()))
+                        .to_numpy(zero_copy_only=False))
+    moving = pa.table({"file": state.column("file").take(pa.array(at)).cast(pa.string()),
+                       "row": state.column("row").take(pa.array(at)), "at": pa.array(at, pa.int64())}) \
+        .sort_by([("file", "ascending"), ("row", "ascending")])
     refs, pieces = [], []
     task = ray.remote(num_cpus=0.25)(copy_rows)
     for (mv, category), names in sorted(chosen.items()):
@@ -87,6 +90,7 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
         per_file = max(1, int(target / max(bytes_per_row, 1)))
         files = rows.column("file").to_numpy(zero_copy_only=False)
         positions = rows.column("row").to_numpy()
+        where = rows.column("at").to_numpy()
         prefix = compacted_prefix(mv, category)
         for k in range(math.ceil(rows.num_rows / per_file)):
             lo, hi = k * per_file, min(rows.num_rows, (k + 1) * per_file)
@@ -96,15 +100,27 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
                       for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(chunk_files)])]
             name = f"{run_id}-{uuid.uuid4().hex[:12]}.parquet"
             refs.append(task.remote(storage, slices, prefix, name))
-            pieces.append((rows.slice(lo, hi - lo), "/".join(prefix + (name,))))
+            pieces.append((where[lo:hi], "/".join(prefix + (name,))))
         stats["files_in"] += len(names)
     written = ray.get(refs)
-    out = [staying]
-    for (piece, expected), got in zip(pieces, written):
+    for (_, expected), got in zip(pieces, written):
         assert got == expected, (got, expected)
-        piece = piece.set_column(piece.schema.get_field_index("file"), "file", pa.array([got] * piece.num_rows))
-        piece = piece.set_column(piece.schema.get_field_index("row"), "row",
-                                 pa.array(np.arange(piece.num_rows, dtype=np.int64)))
-        out.append(piece)
     stats.update(files_out=len(written), rows_moved=moving.num_rows, written=sorted(written))
-    return pa.concat_tables(out), stats
+    return _relocate(state, pieces), stats
+
+
+def _relocate(state: pa.Table, pieces: list[tuple[np.ndarray, str]]) -> pa.Table:
+    """``state`` with the rows at each piece's positions pointed at its new file, rows 0..n-1."""
+    files = state.column("file")
+    files = (files if pa.types.is_dictionary(files.type) else pc.dictionary_encode(files)).combine_chunks()
+    names = files.dictionary
+    codes = pc.fill_null(files.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+    rows = np.array(state.column("row").to_numpy(), dtype=np.int64, copy=True)
+    new_names = [name for _, name in pieces]
+    for k, (where, _) in enumerate(pieces):
+        codes[where] = len(names) + k
+        rows[where] = np.arange(len(where), dtype=np.int64)
+    dictionary = pa.concat_arrays([names.cast(pa.string()), pa.array(new_names, pa.string())])
+    file = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32(), mask=codes < 0), dictionary)
+    state = state.set_column(state.schema.get_field_index("file"), "file", file)
+    return state.set_column(state.schema.get_field_index("row"), "row", pa.array(rows, pa.int64()))

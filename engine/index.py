@@ -298,30 +298,42 @@ def build_version(root, model_version: str, index_version: str, state: pa.Table,
     storage = Storage.of(root)
     if display is not None:
         display = display.complete(state, base, model_version, index_version)
-    table = state.select(["category", "model_version", "file", "row"]).sort_by(
-        [("category", "ascending"), ("file", "ascending"), ("row", "ascending")])
-    cats = table.column("category").to_numpy(zero_copy_only=False)
+    category_names, categories = _codes(state.column("category"))
+    file_names, files = _codes(state.column("file"))
+    rows = state.column("row").to_numpy()
+    order = np.lexsort((rows, files, categories))  # by category, then file and row: each file read in order
+    cats, files, rows = categories[order], files[order], rows[order]
     cuts = np.flatnonzero(cats[1:] != cats[:-1]) + 1 if len(cats) else np.array([], np.int64)
+    model_versions = state.column("model_version")
     files_by_category, reused, versions = {}, {}, {}
     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(cats)]) if len(cats) else ():
-        part = table.slice(int(lo), int(hi - lo))
-        category = str(cats[lo])
-        mvs = pc.unique(part.column("model_version")).to_pylist()
+        category = category_names[cats[lo]]
+        mvs = pc.unique(model_versions.take(pa.array(order[lo:hi])).cast(pa.string())).to_pylist()
         if len(mvs) != 1:
             raise ValueError(f"category {category} mixes features of model versions {sorted(mvs)}")
         versions[category] = mvs[0]
         old = (base or {}).get("categories", {}).get(category)
         if base is not None and category not in (changed or set()) and \
-                _reusable(old, part.num_rows, cfg.params(category), mvs[0]):
+                _reusable(old, int(hi - lo), cfg.params(category), mvs[0]):
             reused[category] = {**old, "version": owner(base, category)}
             continue
-        files = part.column("file").to_numpy(zero_copy_only=False)
-        rows = part.column("row").to_numpy()
-        fcuts = np.flatnonzero(files[1:] != files[:-1]) + 1
-        files_by_category[category] = [(storage.path(str(files[a])), rows[a:b])
-                                       for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(files)])]
+        f, r = files[lo:hi], rows[lo:hi]
+        fcuts = np.flatnonzero(f[1:] != f[:-1]) + 1
+        files_by_category[category] = [(storage.path(file_names[f[a]]), r[a:b])
+                                       for a, b in zip(np.r_[0, fcuts], np.r_[fcuts, len(f)])]
     return build_from_files(root, model_version, index_version, files_by_category, cfg, run_id=index_version,
                             versions=versions, reused=reused, attributes=attributes, display=display)
+
+
+def _codes(column) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct values, each row's position among them) of a string or dictionary column:
+    grouping millions of rows by a few hundred file names costs ints, not a string per row."""
+    column = (column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)).combine_chunks()
+    names = column.dictionary.cast(pa.string()).to_pylist()
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.empty(len(names), np.int64)
+    rank[order] = np.arange(len(names))
+    return [names[i] for i in order], rank[column.indices.to_numpy(zero_copy_only=False)]
 
 
 # ---------------------------------------------------------------- loading and searching

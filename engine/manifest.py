@@ -16,6 +16,9 @@ When the deltas since the base pass ``CONSOLIDATE_FRACTION`` of its rows, the ne
 written as a fresh base instead (so reading a state costs at most ~1.5 bases). ``meta.files``
 is the feature-file catalog of the state (file -> rows, live rows, bytes): compaction picks files
 from it and garbage collection keeps exactly the files some kept version names there.
+
+A run builds its new state with ``next_state`` (one lean copy, LEAN_SCHEMA), never the old
+state beside the new one.
 """
 from __future__ import annotations
 
@@ -34,6 +37,12 @@ STATE_SCHEMA = pa.schema([
     ("catalog_category", pa.string()), ("model_version", pa.string()), ("detect_version", pa.string()),
     ("objects", pa.int32()), ("image_url", pa.string()), ("file", pa.string()), ("row", pa.int64())])
 KEY = ["product_id", "category"]
+# A run's state in memory: the columns that repeat (a handful of values over millions of rows)
+# are dictionary-encoded, so the state costs ~110 bytes a row instead of ~240 (engine.pipeline).
+DICT_COLUMNS = ("model_version", "detect_version", "file")
+LEAN_SCHEMA = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in DICT_COLUMNS else f
+                         for f in STATE_SCHEMA])
+READ_ROWS = 65536  # state rows read at a time
 REMOVED_SCHEMA = pa.schema([("product_id", pa.string()), ("category", pa.string())])
 META = "meta.json"
 CONSOLIDATE_FRACTION = 0.5
@@ -97,6 +106,61 @@ def _matches(state: pa.Table, keys: pa.Table) -> pa.Array:
         found = rows.join(keys.select(KEY).group_by(KEY).aggregate([]), KEY, join_type="left semi", use_threads=False)
         hit[found.column("at").to_numpy()] = True
     return pa.array(hit)
+
+
+def lean(t: pa.Table) -> pa.Table:
+    return t.select(STATE_SCHEMA.names).cast(LEAN_SCHEMA)
+
+
+class _Leaving:
+    """(product_id, category) keys that leave, prepared once to be dropped from many batches."""
+
+    def __init__(self, keys: list[pa.Table]):
+        keys = [k.select(KEY).cast(REMOVED_SCHEMA) for k in keys if k.num_rows]
+        self.keys = pa.concat_tables(keys).group_by(KEY).aggregate([]) if keys else REMOVED_SCHEMA.empty_table()
+        self.ids = pc.unique(self.keys.column("product_id").combine_chunks()) if keys else None
+
+    def drop(self, t: pa.Table) -> pa.Table:
+        if self.ids is None or not t.num_rows:
+            return t
+        candidate = pc.is_in(t.column("product_id"), value_set=self.ids)
+        at = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
+        if not len(at):
+            return t
+        rows = t.select(["product_id"]).take(pa.array(at)).append_column(
+            "category", t.column("category").take(pa.array(at)).cast(pa.string())).append_column(
+            "at", pa.array(at, pa.int64()))
+        found = rows.join(self.keys, KEY, join_type="left semi", use_threads=False).column("at").to_numpy()
+        keep = np.ones(t.num_rows, bool)
+        keep[found] = False
+        return t.filter(pa.array(keep))
+
+
+def next_state(storage: Storage, line: str, base_version: str | None, added: pa.Table,
+               removed: pa.Table) -> pa.Table:
+    """``base_version``'s state minus ``removed`` (and minus any row ``added`` replaces) plus
+    ``added``, in LEAN_SCHEMA: the one copy of the state a run holds.
+
+    The chain is read a batch at a time, each batch losing at once the rows a later delta (or
+    this run) replaces, so memory is the result plus one batch, never the old state beside the new.
+    """
+    meta = read_meta(storage, line, base_version) if base_version else None
+    parts: list[list[pa.Table]] = []
+    later = [removed, added]
+    for version in reversed(meta["chain"] if meta else []):
+        leaving, mine = _Leaving(later), []
+        pf = pq.ParquetFile(storage.path(*folder(line, version), "added.parquet"), filesystem=storage.fs,
+                            read_dictionary=list(DICT_COLUMNS))
+        for batch in pf.iter_batches(batch_size=READ_ROWS, columns=STATE_SCHEMA.names):
+            t = leaving.drop(pa.Table.from_batches([batch]))
+            if t.num_rows:
+                mine.append(lean(t))
+        parts.append(mine)
+        if version != meta["chain"][0]:
+            later = later + [_read(storage, line, version, "removed.parquet", None, None),
+                             _read(storage, line, version, "added.parquet", KEY, None)]
+    tables = [t for mine in reversed(parts) for t in mine] + [lean(added)]
+    return pa.concat_tables(tables).unify_dictionaries()  # one dictionary per column: group_by needs it
 
 
 def _drop(state: pa.Table, keys: pa.Table) -> pa.Table:
@@ -237,7 +301,7 @@ def write(storage: Storage, model_version: str, index_version: str, base_version
     parts = folder(model_version, index_version)
     storage.makedirs(*parts)
     if fresh:
-        added = state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA)
+        added = state
         removed, chain, delta_rows = REMOVED_SCHEMA.empty_table(), [index_version], 0
     else:
         chain = base["chain"] + [index_version]
@@ -255,13 +319,15 @@ def write(storage: Storage, model_version: str, index_version: str, base_version
 
 
 def _write_table(storage: Storage, table: pa.Table, *parts: str) -> None:
+    """``table`` in its file schema, cast a slice at a time (a lean state is never expanded whole)."""
     target = storage.path(*parts)
-    if not storage.is_local:
-        pq.write_table(table, target, filesystem=storage.fs)
-        return
-    tmp = f"{target}.tmp"
-    pq.write_table(table, tmp, filesystem=storage.fs)
-    storage.fs.mv(tmp, target)
+    schema = STATE_SCHEMA if "file" in table.column_names else REMOVED_SCHEMA
+    path = target if not storage.is_local else f"{target}.tmp"
+    with pq.ParquetWriter(path, schema, filesystem=storage.fs) as out:
+        for at in range(0, table.num_rows, READ_ROWS):
+            out.write_table(table.slice(at, READ_ROWS).select(schema.names).cast(schema))
+    if storage.is_local:
+        storage.fs.mv(path, target)
 
 
 def categories(storage: Storage, model_version: str, version: str) -> list[str]:

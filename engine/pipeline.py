@@ -248,12 +248,12 @@ def base_state(storage: Storage, model_version: str, base: publish.Pointer) -> t
 
 
 def finish(cfg: Config, storage: Storage, report: Report, version: str, base: publish.Pointer,
-           before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None,
+           added: pa.Table, removed: pa.Table, min_small: int | None = None,
            attributes: list | None = None, shown: list | None = None, seen: list[str] | None = None) -> None:
-    """After the stream: compact, commit the manifest (a delta on ``before``), build the index
-    (categories nobody changed keep their shards), validate, publish, collect garbage.
+    """After the stream: compact, commit the manifest (a delta on the published one), build the
+    index (categories nobody changed keep their shards), validate, publish, collect garbage.
 
-    ``added``: STATE rows new in this version; ``removed``: (product_id, category) of ``before``
+    ``added``: STATE rows new in this version; ``removed``: (product_id, category) of published
     rows that leave; ``min_small``: see compact.choose; ``shown``: the plan's display projections
     (engine.display; None: the version's categories keep the display files they had); ``seen``: the
     base's tombstone files the plan folded. Every step writes new things before anything refers to them, and deletes only
@@ -267,8 +267,7 @@ def finish(cfg: Config, storage: Storage, report: Report, version: str, base: pu
     if previous is not None:  # lookalike update/delete since: merge (rebuild) or carry (engine/delta.py)
         changed |= delta.to_rebuild(storage, previous, cfg.index.rebuild_fraction)
     with report.stage("compact"):
-        state, meta = commit_manifest(storage, cfg, report, version, base_version, before, added, removed, min_small)
-    del before  # the caller passes it without keeping it: the old state is freed before the index build
+        state, meta = commit_manifest(storage, cfg, report, version, base_version, added, removed, min_small)
     report.data["manifest"] = {k: meta[k] for k in ("rows", "added", "removed", "chain")} | {"files": len(meta["files"])}
     with report.stage("index"):
         built = index.build_version(storage, mv, version, state, cfg.index, base=previous, changed=changed,
@@ -295,23 +294,27 @@ def display_sources(cfg: Config, projections: list | None):
 
 
 def commit_manifest(storage: Storage, cfg: Config, report: Report, version: str, base_version: str | None,
-                    before: pa.Table, added: pa.Table, removed: pa.Table, min_small: int | None = None):
-    """(state, meta): the new state, compacted, committed as a delta on ``base_version``.
+                    added: pa.Table, removed: pa.Table, min_small: int | None = None):
+    """(state, meta): the new state (manifest.LEAN_SCHEMA), compacted, committed as a delta on
+    ``base_version``.
 
-    Columnar and in proportion to the change where it can be: the diff joins only the products
-    this run added, removed or moved (not every row of the state).
+    The driver holds one lean copy of the state and nothing per row beside it: the new state is
+    read from the published chain with ``removed`` and replaced rows dropped a batch at a time,
+    and the delta is what this run added, removed and compaction moved, known without a join.
     """
     mv = cfg.embed.model_version
-    state = manifest.apply(before, added, removed)
+    state = manifest.next_state(storage, mv, base_version, added, removed)
     base_meta = manifest.read_meta(storage, mv, base_version) if base_version else None
     files = manifest.file_catalog(storage, state, base_meta["files"] if base_meta else {})
     state, stats = compact.compact(storage, state, files, cfg.features.target_file_mb, version, min_small)
     written = stats.pop("written", [])
     report.data["compaction"] = stats
-    moved = state.filter(pc.is_in(state.column("file"), value_set=pa.array(written, pa.string()))).column("product_id")
-    touched = pa.chunked_array([c for col in (added.column("product_id"), removed.column("product_id"), moved)
-                                for c in col.chunks], pa.string())
-    delta_added, delta_removed = manifest.diff(before, state, touched)
+    delta_added, delta_removed = added, removed
+    if written:
+        moved = state.filter(pc.is_in(state.column("file"), value_set=pa.array(written, pa.string())))
+        delta_added = manifest.apply(manifest.lean(added), moved, manifest.REMOVED_SCHEMA.empty_table())
+        delta_removed = pa.concat_tables([removed.select(manifest.KEY).cast(manifest.REMOVED_SCHEMA),
+                                          moved.select(manifest.KEY).cast(manifest.REMOVED_SCHEMA)])
     meta = manifest.write(storage, mv, version, base_version, delta_added, delta_removed, state=state)
     return state, meta
 
@@ -392,8 +395,7 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
             report.finish("unchanged")
             return report.data
         resumed, removed = _change(change)
-        finish(cfg, storage, report, run_id, base, base_state(storage, mv, base)[1],
-               pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display,
+        finish(cfg, storage, report, run_id, base, pa.concat_tables([fresh, resumed]), removed, attributes=change.attributes, shown=change.display,
                seen=seen)
         report.finish("published")
         return report.data
@@ -472,7 +474,7 @@ def compact_store(cfg: Config, version: str | None = None) -> dict:
     try:
         raycluster.connect(cfg.ray)
         base = publish.read_pointer(storage, mv)
-        base_version, before = base_state(storage, mv, base)
+        base_version = base.version if base.version and manifest.exists(storage, mv, base.version) else None
         if base_version is None:
             raise RunFailed(f"nothing to compact: {mv} has no published version with a manifest", report.data)
         files = manifest.read_meta(storage, mv, base_version)["files"]
@@ -482,7 +484,7 @@ def compact_store(cfg: Config, version: str | None = None) -> dict:
             report.finish("unchanged")
             return report.data
         empty = manifest.empty_state()
-        finish(cfg, storage, report, version, base, before, empty, empty.select(manifest.KEY), EAGER_SMALL)
+        finish(cfg, storage, report, version, base, empty, empty.select(manifest.KEY), EAGER_SMALL)
         report.finish("published")
         return report.data
     except RunFailed as exc:

@@ -165,7 +165,7 @@ def daily_run(cfg, catalog: pa.Table, version: str, clusters: int = 32) -> dict:
                                  unchanged_reused=int(pc.sum(pc.is_in(catalog.column("product_id"),
                                                                       value_set=reused.column("product_id"))).as_py()
                                                       or 0))
-    pipeline.finish(cfg, storage, report, version, base, before, added, removed)
+    pipeline.finish(cfg, storage, report, version, base, added, removed)
     report.finish("published")
     return report.data
 

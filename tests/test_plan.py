@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from engine import partition, plan
@@ -145,3 +146,43 @@ def test_the_published_chain_is_applied_per_bucket(tmp_path):
     assert totals["state_rows"] == 9
     p1 = {(r["product_id"], r["file"], r["row"]) for r in kept.to_pylist() if r["product_id"] == "p1"}
     assert p1 == {("p1", f2, 0)}  # the delta's location, not the base's
+
+
+def test_next_state_equals_the_chain_applied_and_stays_lean(tmp_path):
+    """manifest.next_state (batches of the chain, rows dropped as read) gives the same rows as
+    read_state + apply, with the repeated columns dictionary-encoded; a small READ_ROWS makes
+    every file several batches."""
+    from engine import manifest
+
+    storage = Storage(str(tmp_path))
+
+    def rows(pids, file, category="tops"):
+        pq.write_table(pa.table({"product_id": pids}), storage.path(file))  # the footer file_catalog reads
+        t = state([(p, f"u-{p}-{file}", category, 1) for p in pids]).drop_columns(["source", "file", "row"])
+        return t.append_column("file", pa.array([file] * len(pids))).append_column(
+            "row", pa.array(range(len(pids)), pa.int64()))
+
+    def keys(pids, category="tops"):
+        return pa.table({"product_id": pids, "category": [category] * len(pids)})
+
+    ids = [f"p{i:03d}" for i in range(200)]
+    manifest.write(storage, MV, "v1", None, pa.concat_tables([rows(ids, "f1"), rows(ids[:50], "f1b", "bags")]),
+                   manifest.REMOVED_SCHEMA.empty_table())
+    manifest.write(storage, MV, "v2", "v1", rows(ids[10:20], "f2"), keys(ids[100:110]))
+    assert manifest.read_meta(storage, MV, "v2")["chain"] == ["v1", "v2"]
+    added, removed = rows(ids[15:25] + ["p999"], "f3"), keys(ids[:5] + ids[12:14])
+    expected = manifest.apply(manifest.read_state(storage, MV, "v2"), added, removed)
+    old = manifest.READ_ROWS
+    try:
+        manifest.READ_ROWS = 16
+        got = manifest.next_state(storage, MV, "v2", added, removed)
+    finally:
+        manifest.READ_ROWS = old
+    assert all(pa.types.is_dictionary(got.schema.field(c).type) for c in manifest.DICT_COLUMNS)
+    as_rows = lambda t: sorted(tuple(r.values()) for r in t.select(manifest.STATE_SCHEMA.names)  # noqa: E731
+                               .cast(manifest.STATE_SCHEMA).to_pylist())
+    assert as_rows(got) == as_rows(expected)
+    assert got.num_rows == 250 - 10 - 7 + 1  # v2 dropped p100-p109; now p000-p004, p012, p013 go; p999 comes
+    where = {(r["product_id"], r["category"]): r["file"] for r in got.to_pylist()}
+    assert ("p012", "tops") not in where and where[("p015", "tops")] == "f3" and where[("p011", "tops")] == "f2" and where[("p030", "tops")] == "f1"
+    assert ("p101", "tops") not in where and ("p003", "tops") not in where and where[("p003", "bags")] == "f1b"
