@@ -72,6 +72,7 @@ def build_delta(cfg: Config, storage: Storage, version: str, base: dict, before:
                 attributes: list | None = None, display=None) -> dict:
     """Write ``version``: delta shards of ``fresh`` (STATE rows), the base's shards by reference,
     tombstones, the manifest delta and last the index manifest. Nothing is published here.
+    ``before``: the base's state, product_id, category and content_key are enough.
     ``attributes``: the update catalog's filter columns (engine.attributes), for the delta shards;
     ``display``: engine.display.Sources of the update's catalog: the display files of the categories
     that gain delta shards are rewritten (the base's rows from the base's files), the others kept."""
@@ -139,7 +140,8 @@ def build_delta(cfg: Config, storage: Storage, version: str, base: dict, before:
     if dead.num_rows:
         tombstones.write(storage, mv, version, dead)
     removed = replaced.select(manifest.KEY)
-    meta = manifest.write(storage, mv, version, base["index_version"], fresh, removed)
+    state = manifest.next_state(storage, mv, base["index_version"], fresh, removed)  # one lean copy
+    meta = manifest.write(storage, mv, version, base["index_version"], fresh, removed, state=state)
     out = {"format": index.FORMAT, "model_version": mv, "index_version": version, "run_id": version,
            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dim": base["dim"],
            "params": base["params"], "count": sum(c["count"] for c in categories.values()),

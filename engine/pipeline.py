@@ -441,7 +441,7 @@ def update(cfg: Config, run_id: str | None = None) -> dict:
                             report.data)
         with report.stage("index"):
             base_manifest = index.read_manifest(storage, mv, base.version)
-            before = manifest.read_state(storage, mv, base.version)
+            before = manifest.read_state(storage, mv, base.version, columns=["content_key"])
             built = delta.build_delta(cfg, storage, run_id, base_manifest, before, fresh, change.attributes,
                                       display_sources(cfg, change.display))
         report.data["delta"] = built
