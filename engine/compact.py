@@ -65,7 +65,7 @@ def copy_rows(root, slices: list[tuple[str, np.ndarray]], prefix: tuple, name: s
 
 
 def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, run_id: str,
-             min_small: int | None = None) -> tuple[pa.Table, dict]:
+            min_small: int | None = None) -> tuple[pa.Table, dict]:
     """Rewrite the chosen files' live rows into new files; returns the state with those rows moved
     (only its ``file`` and ``row`` columns are rebuilt: no second copy of the state) and what was
     done. The new files exist before anything refers to them."""
