@@ -317,6 +317,37 @@ def test_run_metrics_reach_the_dashboard_endpoint(succeeded, ray_cluster):
     assert value(seen, "ray_lookalike_stage_seconds", stage="index") >= 0
 
 
+def test_held_gauges_are_set_again_until_released(monkeypatch):
+    """Ray drops a gauge series ~25 s after its last set: held ones are set again while the
+    process lives; a released one (a category the new index no longer has) stops."""
+    from engine import metrics
+
+    class Gauge:
+        def __init__(self):
+            self.sets = []
+
+        def set(self, value, tags=None):
+            self.sets.append((value, tags["category"]))
+
+    monkeypatch.setattr(metrics, "HOLD_EVERY_S", 0.05)
+    monkeypatch.setattr(metrics, "_ray_ready", lambda: True)
+    monkeypatch.setattr(metrics, "_held", {})
+    g = Gauge()
+    metrics.hold(g, "items", 7, {"category": "shoes"})
+    metrics.hold(g, "items", 3, {"category": "bags"})
+    metrics.hold(g, "items", 8, {"category": "shoes"})  # replaces shoes' value
+    deadline = time.monotonic() + 15
+    while g.sets.count((3, "bags")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert g.sets.count((3, "bags")) >= 3 and g.sets.count((8, "shoes")) >= 3
+    assert g.sets.count((7, "shoes")) == 1  # set once, then replaced
+    metrics.release("items", lambda tags: tags["category"] == "shoes")
+    time.sleep(0.2)
+    bags, shoes = g.sets.count((3, "bags")), g.sets.count((8, "shoes"))
+    time.sleep(0.3)
+    assert g.sets.count((3, "bags")) == bags and g.sets.count((8, "shoes")) > shoes
+
+
 # -- the Pushgateway: the run's final numbers outlive its cluster ----------------------------------
 
 def test_finished_run_is_pushed_to_the_pushgateway(succeeded):
