@@ -133,6 +133,9 @@ def _measure(storage: Storage, root: str, mv: str, dim: int, index_s: list[float
             "index_stage_s": round(float(np.mean(index_s[-WINDOW:])), 3)}
 
 
+SHARED = ("skipped", "note", "targets", "state")  # keys both parts have: kept apart in the last line
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--products", type=int, default=20_000)
@@ -151,10 +154,10 @@ def main() -> int:
     if funnel is not None and not args.skip_funnel:
         out = funnel()
         print(json.dumps({"part": "funnel", **out}), flush=True)
-        fields.update(out)
+        fields.update({f"funnel_{k}" if k in SHARED else k: v for k, v in out.items() if k != "bench"})
     out = year(args.products, args.dim, args.days, args.target_file_mb)
     print(json.dumps({"part": "year", **out}), flush=True)
-    fields.update(out)
+    fields.update({f"year_{k}" if k in SHARED else k: v for k, v in out.items() if k != "bench"})
     fields["parts"] = (["funnel"] if funnel is not None and not args.skip_funnel else []) + ["year"]
     fields["total_s"] = round(time.time() - t0, 1)
     print(json.dumps({"bench": "scale", **fields}), flush=True)
