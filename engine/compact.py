@@ -34,23 +34,32 @@ def _group(file: str) -> tuple[str, str]:
     return parts[1], parts[-2].split("=", 1)[1]
 
 
-def choose(catalog: dict, target_bytes: int, min_small: int | None = None) -> dict[tuple[str, str], list[str]]:
+def choose(catalog: dict, target_bytes: int, min_small: int | None = None,
+           run_id: str | None = None) -> dict[tuple[str, str], list[str]]:
     """Files worth rewriting, per (model version, category): every sparse file, and the small ones
     once there are ``MAX_SMALL`` of them or they add up to half the target (so a day's few new
     parts wait for the next days' instead of rewriting the same tail file every day). ``min_small``:
-    another count (``lookalike compact`` merges as soon as there are two)."""
+    another count (``lookalike compact`` merges as soon as there are two). ``run_id``: the run's
+    own per-batch parts are merged among themselves when it wrote two or more in a category, so a
+    run leaves one file per category of what it computed, at a cost in proportion to it."""
     min_small = MAX_SMALL if min_small is None else min_small
+    own = f"/run={run_id}/" if run_id else None
     small: dict[tuple[str, str], list[str]] = {}
+    mine: dict[tuple[str, str], list[str]] = {}
     sparse: dict[tuple[str, str], list[str]] = {}
     for name, entry in sorted(catalog.items()):
         if entry["live"] < LIVE_FLOOR * entry["rows"]:
             sparse.setdefault(_group(name), []).append(name)
         elif entry["bytes"] < target_bytes / 2:
             small.setdefault(_group(name), []).append(name)
+            if own and own in name:
+                mine.setdefault(_group(name), []).append(name)
     out = {key: list(names) for key, names in sparse.items()}
     for key, names in small.items():
         if len(names) >= min_small or sum(catalog[n]["bytes"] for n in names) >= target_bytes / 2:
             out[key] = sorted(out.get(key, []) + names)
+        elif len(mine.get(key, [])) >= 2:
+            out[key] = sorted(out.get(key, []) + mine[key])
     return out
 
 
@@ -72,7 +81,7 @@ def compact(storage: Storage, state: pa.Table, catalog: dict, target_mb: float, 
     import ray
 
     target = int(target_mb * MIB)
-    chosen = choose(catalog, target, min_small)
+    chosen = choose(catalog, target, min_small, run_id)
     stats = {"files_in": 0, "files_out": 0, "rows_moved": 0, "written": []}
     if not chosen:
         return state, stats

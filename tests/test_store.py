@@ -184,3 +184,23 @@ def test_lookalike_compact_merges_and_publishes_the_same_objects(ray_cluster, tm
     assert sorted(rep["index_build"]["reused"]) == sorted(CATS)
     again = pipeline.compact_store(big, version="d004")
     assert again["status"] == "unchanged"
+
+
+def test_choose_merges_a_runs_own_parts_and_lets_older_small_files_wait():
+    """A run's per-batch parts become one file per category; other small files wait for MAX_SMALL
+    (no daily rewrite of the tail); sparse files are always rewritten."""
+    mib = compact.MIB
+
+    def name(run, cat, i):
+        return f"features/mv/run={run}/category={cat}/part-{i}.parquet"
+
+    small = {"rows": 10, "live": 10, "bytes": mib}
+    catalog = {name("old", "tops", i): small for i in range(3)}
+    catalog |= {name("r2", "tops", i): small for i in range(2)} | {name("r2", "bags", 0): small}
+    catalog |= {name("old", "shoes", 0): {"rows": 10, "live": 4, "bytes": mib}}
+    got = compact.choose(catalog, 256 * mib, run_id="r2")
+    assert got == {("mv", "tops"): [name("r2", "tops", 0), name("r2", "tops", 1)],  # bags: one part, nothing to merge
+                   ("mv", "shoes"): [name("old", "shoes", 0)]}
+    assert ("mv", "tops") not in compact.choose(catalog, 256 * mib)  # without a run: 5 small files wait for 8
+    catalog |= {name("old", "tops", i): small for i in range(3, 6)}
+    assert len(compact.choose(catalog, 256 * mib, run_id="r2")[("mv", "tops")]) == 8  # 8 small: all merge
