@@ -90,30 +90,16 @@ def _read(storage: Storage, line: str, version: str, name: str, columns, bucket)
     return table
 
 
-def _matches(state: pa.Table, keys: pa.Table) -> pa.Array:
-    """Per row of ``state``: whether its (product_id, category) is in ``keys``.
-
-    A product_id pre-filter (no copy) narrows the exact two-column match to the few candidate
-    rows, so a delta of thousands against millions of rows costs a mask, not a join of the whole.
-    """
-    if not keys.num_rows or not state.num_rows:
-        return pa.array(np.zeros(state.num_rows, bool))
-    candidate = pc.is_in(state.column("product_id"), value_set=pc.unique(keys.column("product_id").combine_chunks()))
-    at = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
-    hit = np.zeros(state.num_rows, bool)
-    if len(at):
-        rows = state.select(KEY).take(pa.array(at)).append_column("at", pa.array(at, pa.int64()))
-        found = rows.join(keys.select(KEY).group_by(KEY).aggregate([]), KEY, join_type="left semi", use_threads=False)
-        hit[found.column("at").to_numpy()] = True
-    return pa.array(hit)
-
-
 def lean(t: pa.Table) -> pa.Table:
     return t.select(STATE_SCHEMA.names).cast(LEAN_SCHEMA)
 
 
 class _Leaving:
-    """(product_id, category) keys that leave, prepared once to be dropped from many batches."""
+    """(product_id, category) keys that leave, prepared once to be dropped from many batches.
+
+    A product_id pre-filter (no copy) narrows the exact two-column match to the few candidate
+    rows, so a delta of thousands against millions of rows costs a mask, not a join of the whole.
+    """
 
     def __init__(self, keys: list[pa.Table]):
         keys = [k.select(KEY).cast(REMOVED_SCHEMA) for k in keys if k.num_rows]
@@ -165,9 +151,7 @@ def next_state(storage: Storage, line: str, base_version: str | None, added: pa.
 
 def _drop(state: pa.Table, keys: pa.Table) -> pa.Table:
     """``state`` without the rows whose (product_id, category) is in ``keys`` (one filtered copy)."""
-    if not keys.num_rows or not state.num_rows:
-        return state
-    return state.filter(pc.invert(_matches(state, keys)))
+    return _Leaving([keys]).drop(state)
 
 
 def apply(state: pa.Table, added: pa.Table, removed: pa.Table) -> pa.Table:
