@@ -277,4 +277,4 @@ def read_rejects(root: str | Storage, run_id: str | None = None, storage_options
         if not storage.exists("runs", run_id):
             raise FileNotFoundError(f"{storage.uri('runs', run_id)}: no such run")
         return REJECT_SCHEMA.empty_table()
-    return pq.read_table(storage.path("runs", run_id, "rejects.parquet"), filesystem=storage.fs)
+    return pq.ParquetFile(storage.path("runs", run_id, "rejects.parquet"), filesystem=storage.fs).read()

@@ -76,7 +76,8 @@ def write_shard(root, parts: tuple, ids_parts: tuple, refs: list, columns: dict[
     import ray
 
     storage = Storage.of(root)
-    ids = pq.read_table(storage.path(*ids_parts), columns=["product_id"], filesystem=storage.fs).column("product_id")
+    ids = pq.ParquetFile(storage.path(*ids_parts), filesystem=storage.fs).read(columns=["product_id"])
+    ids = ids.column("product_id")
     tables = [t for t in ray.get(list(refs)) if t.num_rows]
     empty = pa.table({"product_id": pa.array([], pa.string()),
                       **{n: pa.array([], ARROW[k]) for n, k in columns.items()}})

@@ -262,6 +262,15 @@ def read_stream(ep: Endpoints, stream: str, schema_bytes: bytes, rename: dict[st
         yield pa.Table.from_batches([batch]).rename_columns(names)
 
 
+def stream_parts(cfg: SourceConfig, required: list[str], optional: tuple = ()) -> list:
+    """One callable per read stream, yielding its tables (engine.catalog.parts): the query (if
+    any) runs and the columns are checked here, on the driver."""
+    plan = resolve(cfg, required, optional)
+    session = open_session(cfg, plan)
+    ep = Endpoints.from_config(cfg)
+    return [functools.partial(read_stream, ep, stream, session.schema, plan.rename) for stream in session.streams]
+
+
 def _output_schema(schema_bytes: bytes, rename: dict[str, str]) -> pa.Schema:
     schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
     return pa.schema([f.with_name(rename.get(f.name, f.name)).remove_metadata() for f in schema])

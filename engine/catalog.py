@@ -1,4 +1,4 @@
-"""Catalog sources -> a Ray Dataset of Arrow batches with at least product_id, image_url, category.
+"""Catalog sources -> Arrow blocks with at least product_id, image_url, category (Ray tasks, or a Ray Dataset).
 
 Row-level problems (a null id, an empty URL) are not errors here: they travel on and become
 reject rows with a reason. Only a source that cannot be read at all is an error, raised on
@@ -6,10 +6,14 @@ the driver before any task runs.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
 
 from engine.config import SourceConfig
 from engine.errors import CatalogError  # noqa: F401 - the catalog's error, raised here and by sources
@@ -19,6 +23,8 @@ log = logging.getLogger(__name__)
 CATALOG_FIELDS = ("product_id", "image_url", "category")
 # Reading is I/O; a whole CPU per read task would starve the actor pools on a 2-core node.
 READ_CPUS = 0.25
+BLOCK_BYTES = 16 << 20  # a catalog block's size: a plan task's memory follows its block, not the catalog
+READ_ROWS = 65536  # rows a file is read at a time
 
 
 def _format(cfg: SourceConfig) -> str:
@@ -28,51 +34,111 @@ def _format(cfg: SourceConfig) -> str:
     return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(ext, "parquet")
 
 
-def read(cfg: SourceConfig, parallelism: int = -1, storage_options: dict | None = None, extra: tuple = (),
-         optional: tuple = ()):
-    """The catalog as a Ray Dataset (streamed; nothing is collected on the driver).
+def parts(cfg: SourceConfig, storage_options: dict | None = None, extra: tuple = (), optional: tuple = ()) -> list:
+    """The catalog as pieces one task each reads: zero-argument callables that yield Arrow tables
+    with the catalog's field names (a file of ``source.path``, or a BigQuery read stream).
 
-    ``storage_options``: GCS settings for a gs:// ``source.path`` (engine.storage.gcs_options);
-    ``extra``: more columns the run needs (``index.filter_columns``), required like the rest;
-    ``optional``: columns read when the catalog has them (``serve.display_columns``).
+    The source is checked here, on the driver: a missing path or column raises CatalogError
+    before any task runs. ``storage_options``: GCS settings for a gs:// ``source.path``
+    (engine.storage.gcs_options); ``extra``: more columns the run needs (``index.filter_columns``),
+    required like the rest; ``optional``: columns read when the catalog has them
+    (``serve.display_columns``).
     """
-    ds = _read_bigquery(cfg, extra, optional) if cfg.kind == "bigquery" \
-        else _read_files(cfg, parallelism, storage_options, extra, optional)
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    return ds
+    if cfg.kind == "bigquery":
+        from engine.bigquery import stream_parts
+
+        return stream_parts(cfg, list(dict.fromkeys([*cfg.required_columns, *extra])), optional)
+    return _file_parts(cfg, storage_options, extra, optional)
 
 
-def _read_bigquery(cfg: SourceConfig, extra: tuple = (), optional: tuple = ()):
+def read(cfg: SourceConfig, storage_options: dict | None = None, extra: tuple = (), optional: tuple = ()):
+    """The catalog as a Ray Dataset (streamed; nothing is collected on the driver), for notebooks
+    and tools; a run reads the same ``parts`` as plain tasks (``blocks``)."""
     import ray.data
 
-    from engine.bigquery import BigQueryStorageDatasource
+    if cfg.kind == "bigquery":
+        from engine.bigquery import BigQueryStorageDatasource
 
-    return ray.data.read_datasource(BigQueryStorageDatasource(cfg, list(dict.fromkeys([*cfg.required_columns, *extra])),
-                                                              optional), num_cpus=READ_CPUS)
+        ds = ray.data.read_datasource(BigQueryStorageDatasource(
+            cfg, list(dict.fromkeys([*cfg.required_columns, *extra])), optional), num_cpus=READ_CPUS)
+    else:
+        ds = ray.data.read_datasource(_datasource(_file_parts(cfg, storage_options, extra, optional)),
+                                      num_cpus=READ_CPUS)
+    return ds.limit(cfg.limit) if cfg.limit else ds
 
 
-def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | None, extra: tuple = (),
-                optional: tuple = ()):
-    import ray.data
+def blocks(pieces: list, limit: int | None = None, block_bytes: int = BLOCK_BYTES) -> list:
+    """Refs of the catalog's blocks (at most BLOCK_BYTES each), in catalog order: one Ray task per
+    piece of ``parts``, all running at once. ``limit``: only the first rows (``source.limit``).
 
+    Plain tasks, not a Ray Data read: the streaming executor's start-up (operators, workers of
+    their own) cost seconds a run, more than reading a whole day's change."""
+    import ray
+
+    task = ray.remote(_read_part).options(num_cpus=READ_CPUS, num_returns="streaming")
+    streams = [task.remote(piece, limit, block_bytes) for piece in pieces]
+    refs = [ref for stream in streams for ref in stream]
+    return _head(refs, limit) if limit else refs
+
+
+def _read_part(piece, limit: int | None = None, block_bytes: int = BLOCK_BYTES):
+    """Ray task (a generator): one piece's tables gathered (or cut) into blocks of about ``block_bytes``."""
+    pending, size, rows = [], 0, 0
+    for table in piece():
+        if limit is not None and rows + table.num_rows > limit:
+            table = table.slice(0, limit - rows)
+        step = max(1, int(table.num_rows * block_bytes / max(1, table.nbytes)))
+        for at in range(0, table.num_rows, step):
+            part = table.slice(at, step)
+            pending.append(part)
+            size += part.nbytes
+            rows += part.num_rows
+            if size >= block_bytes:
+                yield pa.concat_tables(pending, promote_options="default")
+                pending, size = [], 0
+        if limit is not None and rows >= limit:
+            break
+    if pending:
+        yield pa.concat_tables(pending, promote_options="default")
+
+
+def _head(refs: list, limit: int) -> list:
+    """The blocks holding the first ``limit`` rows, the last one cut."""
+    import ray
+
+    count = ray.remote(num_cpus=READ_CPUS)(_num_rows)
+    counts = ray.get([count.remote(r) for r in refs])
+    out, total = [], 0
+    for ref, n in zip(refs, counts):
+        if total + n > limit:
+            out.append(ray.put(ray.get(ref).slice(0, limit - total)))
+            break
+        out.append(ref)
+        total += n
+        if total == limit:
+            break
+    return out
+
+
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+def _file_parts(cfg: SourceConfig, storage_options: dict | None, extra: tuple = (), optional: tuple = ()) -> list:
     storage = Storage(os.path.dirname(cfg.path.rstrip("/")) or ".", storage_options)
-    fs, path = storage.fs, storage.path(os.path.basename(cfg.path.rstrip("/")))
+    name = os.path.basename(cfg.path.rstrip("/"))
+    fs, path = storage.fs, storage.path(name)
     if not fs.exists(path):
         raise CatalogError(f"source.path {cfg.path!r}: no such file or directory")
     fmt = _format(cfg)
-    kw = dict(filesystem=fs, override_num_blocks=parallelism if parallelism > 0 else None,
-              num_cpus=READ_CPUS)
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(path, **kw)
-    elif fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        id_col = cfg.columns.get("product_id", "product_id")
-        ds = ray.data.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={id_col: pa.string()}), **kw)
-    else:
-        ds = ray.data.read_json(path, lines=True, **kw)
-    names = ds.schema().names
+    files = _files(fs, path, name)
+    if not files:
+        raise CatalogError(f"source.path {cfg.path!r}: a folder with no catalog file in it")
+    id_col = cfg.columns.get("product_id", "product_id")
+    try:
+        names = _schema(storage, files[0], fmt, id_col).names
+    except (OSError, pa.ArrowException) as exc:
+        raise CatalogError(f"source.path {cfg.path!r}: cannot read {files[0]} as {fmt}: {exc}") from None
     absent = [c for c in extra if cfg.columns.get(c, c) not in names and c not in cfg.required_columns]
     if absent:
         log.warning("source.path %r has no column(s) %s named by index.filter_columns: indexed as null",
@@ -86,7 +152,62 @@ def _read_files(cfg: SourceConfig, parallelism: int, storage_options: dict | Non
         raise CatalogError(f"source.path {cfg.path!r}: catalog lacks required column(s) {missing}; "
                            f"it has {names}" + ("; map fields to columns with source.columns" if cfg.columns else ""))
     rename = {c: f for c, f in wanted.items() if c != f}
-    return ds.rename_columns(rename) if rename else ds
+    return [functools.partial(read_file, storage, f, fmt, id_col, rename) for f in files]
+
+
+def _files(fs, path: str, name: str) -> list[str]:
+    """The catalog's files relative to the storage root: the file itself, or a folder's files in
+    name order (hidden ones and markers like _SUCCESS left out)."""
+    if not fs.isdir(path):
+        return [name]
+    found = sorted(fs.find(path))
+    rel = [name + "/" + p[len(path.rstrip("/")) + 1:] for p in found]
+    return [r for r in rel if not any(s.startswith((".", "_")) for s in r.split("/")[1:])]
+
+
+def _schema(storage: Storage, file: str, fmt: str, id_col: str) -> pa.Schema:
+    if fmt == "parquet":
+        return pq.read_schema(storage.path(file), filesystem=storage.fs)
+    with storage.fs.open(storage.path(file), "rb") as f:
+        return _reader(f, fmt, id_col).schema
+
+
+def _reader(f, fmt: str, id_col: str):
+    if fmt == "csv":
+        return pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(column_types={id_col: pa.string()}))
+    return pjson.open_json(f)
+
+
+def read_file(storage: Storage, file: str, fmt: str, id_col: str, rename: dict):
+    """One catalog file's rows, a batch at a time, columns renamed to catalog fields."""
+    if fmt == "parquet":
+        pf = pq.ParquetFile(storage.path(file), filesystem=storage.fs)
+        for batch in pf.iter_batches(batch_size=READ_ROWS):
+            yield _renamed(pa.Table.from_batches([batch]), rename)
+        return
+    with storage.fs.open(storage.path(file), "rb") as f:
+        for batch in _reader(f, fmt, id_col):
+            yield _renamed(pa.Table.from_batches([batch]), rename)
+
+
+def _renamed(table: pa.Table, rename: dict) -> pa.Table:
+    return table.rename_columns([rename.get(n, n) for n in table.column_names]) if rename else table
+
+
+def _datasource(pieces: list):
+    """A Ray Data datasource over ``parts``: one read task each (ray.data imported only when asked)."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class CatalogParts(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(p, meta, per_task_row_limit=per_task_row_limit) for p in pieces]
+
+    return CatalogParts()
 
 
 def normalise(batch: pa.Table) -> pa.Table:

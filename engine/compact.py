@@ -68,7 +68,7 @@ def copy_rows(root, slices: list[tuple[str, np.ndarray]], prefix: tuple, name: s
     storage = Storage.of(root)
     parts = []
     for file, rows in slices:
-        table = pq.read_table(storage.path(file), filesystem=storage.fs)
+        table = pq.ParquetFile(storage.path(file), filesystem=storage.fs).read()
         parts.append(table.take(pa.array(np.asarray(rows, np.int64))))
     return write_part(storage, prefix, pa.concat_tables(parts, promote_options="default"), name)
 

@@ -102,7 +102,7 @@ def write_category(root, prefix: tuple, category: str, ids_parts: list, sources:
     import ray
 
     storage = Storage.of(root)
-    ids = pa.concat_arrays([pq.read_table(storage.path(*p), columns=["product_id"], filesystem=storage.fs)
+    ids = pa.concat_arrays([pq.ParquetFile(storage.path(*p), filesystem=storage.fs).read(columns=["product_id"])
                             .column("product_id").combine_chunks().cast(pa.string()) for p in ids_parts]) \
         if ids_parts else pa.array([], pa.string())
     before = previous_table(storage, sources.previous[category]) if category in sources.previous else None

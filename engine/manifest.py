@@ -83,7 +83,7 @@ def _bucket(product_ids: pa.Array, n: int) -> pa.Array:
 
 def _read(storage: Storage, line: str, version: str, name: str, columns, bucket) -> pa.Table:
     path = storage.path(*folder(line, version), name)
-    table = pq.read_table(path, columns=columns, filesystem=storage.fs)
+    table = pq.ParquetFile(path, filesystem=storage.fs).read(columns=columns)
     if bucket is not None:
         i, n = bucket
         table = table.filter(pc.equal(_bucket(table.column("product_id"), n), i))
@@ -327,5 +327,5 @@ def read_category(storage: Storage, model_version: str, version: str, category: 
     parts = []
     for file in pc.unique(state.column("file")).to_pylist():
         rows = state.filter(pc.equal(state.column("file"), file)).column("row")
-        parts.append(pq.read_table(storage.path(file), columns=list(columns), filesystem=storage.fs).take(rows))
+        parts.append(pq.ParquetFile(storage.path(file), filesystem=storage.fs).read(columns=list(columns)).take(rows))
     return pa.concat_tables(parts, promote_options="default") if parts else pa.table({c: [] for c in columns})

@@ -133,10 +133,15 @@ def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
     settings = plan.Settings(detect_version, cfg.plan.full, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
     shown = tuple(cfg.serve.display_columns)
-    ds = catalog.read(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
-                      optional=shown)
-    return plan.make(tombstones.fold(ds, gone) if gone is not None else ds, sources, settings, cfg.plan.bucket_rows,
-                     cfg.index.filter_columns, display.wanted(cfg))
+    pieces = catalog.parts(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
+                           optional=shown)
+    started = time.monotonic()
+    blocks = catalog.blocks(pieces, cfg.source.limit)
+    read_s = time.monotonic() - started
+    change = plan.make(blocks, sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns,
+                       display.wanted(cfg), gone=gone)
+    change.seconds["read"] = round(change.seconds["read"] + read_s, 3)  # the read tasks, then the count
+    return change
 
 
 def start_counts(report: Report, change: plan.Plan) -> None:

@@ -43,7 +43,6 @@ PLAN_FIELDS = [pa.field("content_key", pa.string()), pa.field("action", pa.strin
                pa.field("catalog_category", pa.string()), pa.field("catalog_row", pa.int64()),
                pa.field("object", pa.int32()), pa.field("objects", pa.int32()), pa.field("note", pa.string())]
 REJECT_SCHEMA = pa.schema([(c, pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")])
-BLOCK_BYTES = 16 << 20  # catalog blocks the plan reads: read tasks split larger ones
 # A worker maps every object-store page its tasks ever touched: retired after this many plan
 # tasks, no worker's resident memory grows with the catalog.
 TASKS_PER_WORKER = 8
@@ -214,35 +213,37 @@ def buckets_for(rows: int, bucket_rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, rows / bucket_rows))))
 
 
-def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None,
-         display_columns: tuple | None = None) -> Plan:
-    """Plan the catalog dataset ``ds`` against ``sources``; runs Ray tasks, returns when planned.
-    ``filter_columns``: also keep those columns of every catalog block (engine.attributes);
-    ``display_columns``: those of them the catalog has (engine.display; None: no display file)."""
+def make(blocks: list, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None,
+         display_columns: tuple | None = None, gone: pa.Table | None = None) -> Plan:
+    """Plan the catalog ``blocks`` (refs of Arrow tables in catalog order: engine.catalog.blocks)
+    against ``sources``; runs Ray tasks, returns when planned. ``filter_columns``: also keep those
+    columns of every catalog block (engine.attributes); ``display_columns``: those of them the
+    catalog has (engine.display; None: no display file); ``gone``: deletes folded in
+    (engine.tombstones.drop_deleted)."""
     import ray
 
-    ds.context.execution_options.preserve_order = True  # catalog order decides which duplicate wins
-    ds.context.target_max_block_size = BLOCK_BYTES  # a task's memory follows its block, not the catalog
     started = time.monotonic()
-    catalog = ds.materialize()
+    blocks = list(blocks)
+    rows = sum(ray.get([ray.remote(num_cpus=0.25)(_rows).remote(b) for b in blocks])) if blocks else 0
     read_s = time.monotonic() - started
-    n = buckets_for(max(catalog.count(), sources.rows), bucket_rows)
+    n = buckets_for(max(rows, sources.rows), bucket_rows)
     split = ray.remote(max_calls=TASKS_PER_WORKER)(_split).options(num_returns=n + 1, num_cpus=1)
     pieces: list[list] = [[] for _ in range(n)]
     rss, attributes = [], []
     project = ray.remote(attributes_module.project).options(num_cpus=0.25) if filter_columns else None
     shown = ray.remote(display_module.project).options(num_cpus=0.25) if display_columns is not None else None
     display = [] if shown is not None else None
-    for seq, ref in enumerate(r for bundle in catalog.iter_internal_ref_bundles() for r in bundle.block_refs):
+    gone = ray.put(gone) if gone is not None and gone.num_rows else None
+    for seq, ref in enumerate(blocks):
         if project is not None:
             attributes.append(project.remote(ref, filter_columns))
         if shown is not None:
             display.append(shown.remote(ref, tuple(display_columns)))
-        out = split.remote(ref, seq, n)
+        out = split.remote(ref, seq, n, gone)
         rss.append(out[0])
         for i in range(n):
             pieces[i].append(out[i + 1])
-    del catalog
+    del blocks
     split_state = ray.remote(max_calls=TASKS_PER_WORKER)(_split_state).options(num_returns=n + 1, num_cpus=1)
     state: list[list] = [[] for _ in range(n)]
     for part in sources.parts():
@@ -275,16 +276,39 @@ def make(ds, sources: StateSources, settings: Settings, bucket_rows: int, filter
                 attributes=attributes, display=display)
 
 
-def _split(block: pa.Table, seq: int, n: int) -> tuple:
-    """Ray task: one catalog block -> its rows by bucket, with content_key and row order."""
+def _rows(block: pa.Table) -> int:
+    return block.num_rows
+
+
+def _split(block: pa.Table, seq: int, n: int, gone: pa.Table | None = None) -> tuple:
+    """Ray task: one catalog block -> its rows by bucket, with content_key and row order
+    (``gone``: deleted products dropped first, engine.tombstones)."""
     from engine.catalog import normalise
 
     _fresh()
     block = normalise(block)
+    if gone is not None:
+        block = drop_deleted(block, gone)
     keys = [content_keys(block.slice(at, KEY_ROWS)) for at in range(0, block.num_rows, KEY_ROWS)]
     block = block.append_column("content_key", pa.chunked_array(keys, pa.string()))
     block = block.append_column("row", pa.array((seq << 32) + np.arange(block.num_rows, dtype=np.int64)))
     return (peak_rss_mb(), *_by_bucket(block, n))
+
+
+def drop_deleted(batch: pa.Table, gone: pa.Table) -> pa.Table:
+    """A catalog block without the deleted products that it still lists as they were (same
+    content_key); a deleted product the catalog brings back changed stays in, to be embedded."""
+    pid = batch.column("product_id").cast(pa.string())
+    hit = pc.fill_null(pc.is_in(pid, value_set=gone.column("product_id")), False)
+    if not pc.any(hit).as_py():
+        return batch
+    at = pc.index_in(pid, value_set=gone.column("product_id")).to_numpy(zero_copy_only=False)
+    hit_np = hit.to_numpy(zero_copy_only=False)
+    sub = batch.filter(hit)
+    same = pc.fill_null(pc.equal(content_keys(sub), pc.take(gone.column("content_key"), pa.array(at[hit_np].astype(np.int64)))), False)
+    drop = np.zeros(batch.num_rows, bool)
+    drop[np.flatnonzero(hit_np)] = same.to_numpy(zero_copy_only=False)
+    return batch.filter(pa.array(~drop))
 
 
 def _split_state(sources: StateSources, part: tuple, n: int) -> tuple:

@@ -87,7 +87,8 @@ def new_entries(storage: Storage, line: str, since: str | None, until: str | Non
             continue
         for n in storage.listdir(ROOT, line, run_folder(run)):
             if n.endswith(INDEX):
-                tables.append(pq.read_table(storage.path(ROOT, line, run_folder(run), n), filesystem=storage.fs))
+                path = storage.path(ROOT, line, run_folder(run), n)
+                tables.append(pq.ParquetFile(path, filesystem=storage.fs).read())
     return pa.concat_tables([t.cast(ENTRY_SCHEMA) for t in tables]) if tables else ENTRY_SCHEMA.empty_table()
 
 

@@ -14,7 +14,7 @@ delta generation (engine.index.generation) is below ``before``:
 
 The service (serve/fresh.py) lists the folder every ``serve.poll_interval_s`` and masks the
 shards it already has mmap'd; no Annoy file is reloaded. A daily run folds the deletes into its
-plan (``fold``) and its new version starts with none.
+plan (engine.plan.drop_deleted) and its new version starts with none.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def names(storage: Storage, model_version: str, index_version: str) -> list[str]
 def read(storage: Storage, model_version: str, index_version: str, only: list[str] | None = None) -> pa.Table:
     """The tombstones of a version (or of the files ``only``), one row per product: its largest ``before``."""
     parts = folder(model_version, index_version)
-    tables = [pq.read_table(storage.path(*parts, n), filesystem=storage.fs).cast(SCHEMA)
+    tables = [pq.ParquetFile(storage.path(*parts, n), filesystem=storage.fs).read().cast(SCHEMA)
               for n in (names(storage, model_version, index_version) if only is None else only)]
     return consolidate(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
 
@@ -162,28 +162,3 @@ def carry(storage: Storage, model_version: str, old: str | None, new: str, seen:
     if table.num_rows:
         write(storage, model_version, new, table)
     return table.num_rows
-
-
-def fold(ds, gone: pa.Table):
-    """The catalog dataset without the deleted products that it still lists as they were (same
-    content_key); a deleted product the catalog brings back changed stays in, to be embedded."""
-    if not gone.num_rows:
-        return ds
-    return ds.map_batches(_drop_deleted, fn_kwargs={"gone": gone}, batch_format="pyarrow", batch_size=None,
-                          num_cpus=0.25)
-
-
-def _drop_deleted(batch: pa.Table, gone: pa.Table) -> pa.Table:
-    from engine.plan import content_keys
-
-    pid = batch.column("product_id").cast(pa.string())
-    hit = pc.fill_null(pc.is_in(pid, value_set=gone.column("product_id")), False)
-    if not pc.any(hit).as_py():
-        return batch
-    at = pc.index_in(pid, value_set=gone.column("product_id")).to_numpy(zero_copy_only=False)
-    hit_np = hit.to_numpy(zero_copy_only=False)
-    sub = batch.filter(hit)
-    same = pc.fill_null(pc.equal(content_keys(sub), pc.take(gone.column("content_key"), pa.array(at[hit_np].astype(np.int64)))), False)
-    drop = np.zeros(batch.num_rows, bool)
-    drop[np.flatnonzero(hit_np)] = same.to_numpy(zero_copy_only=False)
-    return batch.filter(pa.array(~drop))

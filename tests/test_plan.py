@@ -95,9 +95,10 @@ def test_plan_over_many_blocks_and_buckets_keeps_the_first_row(tmp_path):
 
     rows = [{"product_id": f"p{i % 3000}", "image_url": f"u{i}", "category": "tops", "updated_at": "t"}
             for i in range(3300)]  # p0..p299 appear twice: the first (i < 3000) wins
-    ds = ray.data.from_items(rows, override_num_blocks=7)
+    table = pa.Table.from_pylist(rows)
+    blocks = [ray.put(table.slice(at, 480)) for at in range(0, table.num_rows, 480)]  # 7 blocks
     sources = plan.StateSources(Storage(str(tmp_path)), MV, None, (), 0)
-    change = plan.make(ds, sources, SETTINGS, bucket_rows=1000)
+    change = plan.make(blocks, sources, SETTINGS, bucket_rows=1000)
     assert change.buckets == 4
     assert change.counts["rows_in"] == 3300 and change.counts["duplicates"] == 300
     assert change.counts["new"] == change.counts["work"] == 3000

@@ -6,7 +6,7 @@ import pytest
 
 from engine import manifest, pointer, publish, tombstones
 from engine.index import Location
-from engine.plan import content_keys
+from engine.plan import content_keys, drop_deleted
 from engine.storage import Storage
 from serve.fresh import Dead, keep_mask, live
 
@@ -88,7 +88,7 @@ def test_fold_drops_deleted_rows_the_catalog_still_lists_unchanged():
                         "category": ["tops"] * 3, "updated_at": ["t"] * 3})
     keys = content_keys(catalog).to_pylist()
     gone = pa.table({"product_id": ["a", "b", "zz"], "content_key": [keys[0], "an older key", "k"]})
-    kept = tombstones._drop_deleted(catalog, gone)
+    kept = drop_deleted(catalog, gone)
     assert kept.column("product_id").to_pylist() == ["b", "c"]  # b came back changed: embedded again
 
 
