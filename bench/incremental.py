@@ -81,6 +81,8 @@ def main() -> None:
             "diff_reused": c["unchanged_reused"], "diff_removed": c["removed"], "diff_indexed": c["indexed"],
             "stages_full": {k: v["seconds"] for k, v in full["stages"].items()},
             "stages_diff": {k: v["seconds"] for k, v in diff["stages"].items()},
+            "compute_diff": diff.get("compute"), "plan_diff": diff.get("plan", {}).get("seconds"),
+            "compute_full": (full.get("compute") or {}).get("mode"),
             "compaction_diff": diff.get("compaction"), "manifest_diff": diff.get("manifest"),
         }))
 

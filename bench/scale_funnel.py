@@ -171,13 +171,14 @@ def measure(rows: int, out: Path) -> dict:
     plan_s = time.monotonic() - t
     pipeline.start_counts(report, change)
     t = time.monotonic()
-    ds = None
+    batches = ()
     mv = cfg.embed.model_version
     stand_in = f"features/{mv}/run={run_id}/category=all/part-00000.parquet"
     if change.work:
-        ds = ray.data.from_arrow_refs(change.work).map_batches(_stand_in, fn_kwargs={"file": stand_in},
-                                                                batch_format="pyarrow")
-    added, again = pipeline._consume(ds, report, storage, run_id, cfg, detect_version, change)
+        batches = ray.data.from_arrow_refs(change.work).map_batches(
+            _stand_in, fn_kwargs={"file": stand_in}, batch_format="pyarrow").iter_batches(batch_format="pyarrow",
+                                                                                          batch_size=None)
+    added, again = pipeline._consume(batches, report, storage, run_id, cfg, detect_version, change)
     counts = report.data["counts"]
     counts["removed"] = pipeline._removed(change, again)
     categories = pipeline._categories(change, added)

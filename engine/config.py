@@ -435,6 +435,9 @@ class PlanConfig(_Section):
     publish_unchanged: bool = Field(True, description="publish a fresh index version even when nothing changed")
     bucket_rows: int = Field(250_000, ge=1000, description="catalog rows per plan task: the catalog and the stored "
                                                          "state are split by a hash of product_id into this many rows a part")
+    one_task_rows: int = Field(1024, ge=0, description="a run with at most this many rows to compute does them in one "
+                                                       "Ray task (engine/onetask.py) instead of a stream over actor "
+                                                       "pools, whose start-up costs more than the work; 0: always stream")
 
 
 class Config(_Section):

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import (catalog, compact, delta, display, download, features, gc, index, manifest, metrics, notify, plan,
-                    publish, raycluster, tombstones, validate)
+from engine import (catalog, compact, delta, display, download, features, gc, index, manifest, metrics, notify,
+                    onetask, plan, publish, raycluster, tombstones, validate)
 from engine.config import Config
 from engine.detect import DetectStage
 from engine.embed import EmbedStage
@@ -154,10 +154,35 @@ def start_counts(report: Report, change: plan.Plan) -> None:
     report.data["rejects_by_reason"] = {"duplicate_product_id": c["duplicates"]} if c.get("duplicates") else {}
 
 
-def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str,
+def outcomes(cfg: Config, report: Report, run_id: str, device: str, storage: Storage, change: plan.Plan,
+             detect_version: str, throttle=None):
+    """The work rows' outcome batches: computed in one task when there are few of them
+    (``plan.one_task_rows``, engine.onetask), else streamed through the actor pools. The report
+    says which (``compute``) and where the seconds went."""
+    import ray
+
+    work = change.counts.get("work", 0)
+    pools = {"download": (cfg.download.actors, download.CALLS_PER_ACTOR), "detect": (cfg.detect.actors, 1),
+             "embed": (cfg.embed.actors, 1)}
+    caps = {"download": cfg.download.max_rps}
+    if work <= cfg.plan.one_task_rows:
+        table, stats = onetask.submit(cfg, run_id, device, storage, change.work, detect_version, throttle)
+        table, stats = ray.get(table), ray.get(stats)
+        report.data["compute"] = {"mode": "one_task", **stats}
+        report.measure_task(stats, pools, caps)
+        if table is not None:
+            yield table
+        return
+    ds = build_dataset(cfg, run_id, device, storage, change.work, work, detect_version, throttle)
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    report.data["compute"] = {"mode": "stream"}
+    report.measure(ds, pools, caps)
+
+
+def _consume(batches, report: Report, storage: Storage, run_id: str, cfg: Config, detect_version: str,
              change: plan.Plan) -> tuple[pa.Table, pa.Array]:
-    """Count the stream's outcomes (per catalog row: its first object) with Arrow compute, write
-    rejects.parquet (the plan's duplicates, then the stream's rejects), and return this run's
+    """Count the outcomes (``batches``, from ``outcomes``; per catalog row: its first object) with
+    Arrow compute, write rejects.parquet (the plan's duplicates, then the stream's rejects), and return this run's
     STATE rows (one per product and category computed) and the product_ids of changed rows
     rejected again."""
     import ray
@@ -172,7 +197,7 @@ def _consume(ds, report: Report, storage: Storage, run_id: str, cfg: Config, det
                           filesystem=storage.fs) as rejects:
         for ref in change.rejects:
             rejects.write_table(ray.get(ref))
-        for batch in (ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ()):
+        for batch in batches:
             first = pc.fill_null(pc.equal(batch.column("object"), 0), True)
             bad = pc.fill_null(pc.equal(batch.column("status"), "rejected"), False)
             ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
@@ -378,15 +403,12 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         work = change.counts.get("work", 0)
         if work:
             with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
-                ds = build_dataset(cfg, run_id, device, storage, change.work, work, detect_version, throttle)
-                fresh, again = _consume(ds, report, storage, run_id, cfg, detect_version, change)
+                batches = outcomes(cfg, report, run_id, device, storage, change, detect_version, throttle)
+                fresh, again = _consume(batches, report, storage, run_id, cfg, detect_version, change)
                 report.data["download"] = download.stats(throttle)
-                report.measure(ds, {"download": (cfg.download.actors, download.CALLS_PER_ACTOR),
-                                    "detect": (cfg.detect.actors, 1), "embed": (cfg.embed.actors, 1)},
-                               {"download": cfg.download.max_rps})
             report.rate("download_embed_store", report.data["counts"]["ok"])
         else:  # nothing to compute: no stream, no actor pools
-            fresh, again = _consume(None, report, storage, run_id, cfg, detect_version, change)
+            fresh, again = _consume((), report, storage, run_id, cfg, detect_version, change)
         counts = report.data["counts"]
         counts["removed"] = _removed(change, again)
         counts["indexed"] = change.counts.get("kept_objects", 0) + fresh.num_rows
@@ -438,8 +460,8 @@ def update(cfg: Config, run_id: str | None = None) -> dict:
             report.finish("unchanged")
             return report.data
         with report.stage("download_embed_store"), download.throttle(cfg.download) as throttle:
-            ds = build_dataset(cfg, run_id, device, storage, change.work, work, detect_version, throttle)
-            fresh, _ = _consume(ds, report, storage, run_id, cfg, detect_version, change)
+            batches = outcomes(cfg, report, run_id, device, storage, change, detect_version, throttle)
+            fresh, _ = _consume(batches, report, storage, run_id, cfg, detect_version, change)
         report.data["counts"]["indexed"] = fresh.num_rows
         if not fresh.num_rows:
             raise RunFailed("no row of the update could be processed; nothing published (see rejects.parquet)",

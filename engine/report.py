@@ -102,6 +102,22 @@ class Report:
                 st["cap_per_s"] = caps[name]
         self.data.setdefault("throughput", {}).update(stages)
 
+    def measure_task(self, stats: dict, pools: dict[str, tuple[int, int]], caps: dict[str, float] | None = None) -> None:
+        """Per stage, as ``measure``, from the one task that ran every stage in turn
+        (engine.onetask: ``stats`` holds its seconds and input rows per stage)."""
+        stages = {}
+        for name, rows in stats["rows"].items():
+            busy = stats["seconds"].get(name, 0.0)
+            if not rows or busy <= 0:
+                continue
+            actors, calls = pools.get(name, (None, 1))
+            stages[name] = {"rows": rows, "busy_s": round(busy, 3), "actors": actors, "calls_per_actor": calls}
+            if actors is None:
+                stages[name]["parallelism"] = 1.0
+            if caps and caps.get(name):
+                stages[name]["cap_per_s"] = caps[name]
+        self.data.setdefault("throughput", {}).update(stages)
+
     def count_outcomes(self, batch: pa.Table) -> None:
         counts = self.data["counts"]
         cats = collections.Counter(self.data["categories"])
