@@ -185,7 +185,7 @@ def projection(report: dict) -> dict | None:
     measured = report.get("throughput")
     if not rows or not measured:
         return None
-    stages = {}
+    stages, exact = {}, {}
     order = [name for _, name in STREAM_STAGES]
     for name, st in sorted(measured.items(), key=lambda kv: order.index(kv[0])):
         workers = (st["actors"] * st["calls_per_actor"]) if st.get("actors") else st.get("parallelism", 1.0)
@@ -197,18 +197,19 @@ def projection(report: dict) -> dict | None:
                         "rate_per_worker_s": round(per_worker, 2) if per_worker else None,
                         "rate_per_s": round(capacity, 2) if capacity else None,
                         "projected_s": round(rows / capacity, 1) if capacity else None}
+        if capacity:
+            exact[name] = rows / capacity
     index = report.get("stages", {}).get("index")
     indexed = report["counts"].get("indexed")
     if index and indexed and index["seconds"] > 0:
         rate = indexed / index["seconds"]
         stages["index"] = {"rows": indexed, "workers": None, "rate_per_worker_s": None, "rate_per_s": round(rate, 2),
                            "projected_s": round(rows / rate, 1)}
-    streaming = {k: v for k, v in stages.items() if k != "index" and v["projected_s"] is not None}
-    if not streaming:
+    if not exact:
         return None
-    bounding = max(streaming, key=lambda k: streaming[k]["projected_s"])
+    bounding = max(exact, key=exact.get)  # unrounded: stages that round alike still have an order
     fixed = sum(report.get("stages", {}).get(k, {}).get("seconds", 0) for k in ("connect", "validate", "publish"))
-    total = streaming[bounding]["projected_s"] + stages.get("index", {}).get("projected_s", 0) + fixed
+    total = stages[bounding]["projected_s"] + stages.get("index", {}).get("projected_s", 0) + fixed
     return {"catalog_rows": rows, "stages": stages, "bounding_stage": bounding, "projected_run_s": round(total, 1)}
 
 
