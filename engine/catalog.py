@@ -1,14 +1,18 @@
 """Catalog sources -> Arrow blocks with at least product_id, image_url, category (Ray tasks, or a Ray Dataset).
 
 Row-level problems (a null id, an empty URL) are not errors here: they travel on and become
-reject rows with a reason. Only a source that cannot be read at all is an error, raised on
-the driver before any task runs.
+reject rows with a reason. A CSV line with the wrong number of fields becomes a reject row
+here (``malformed_row``, with its line number and text). A source that cannot be read at all
+is an error, raised on the driver before any task runs; a file that breaks off mid-way (a
+quote never closed, a JSON line cut short) fails the run with its name and the rows read, as
+publishing a catalog without its tail would remove the products in it.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -25,6 +29,8 @@ CATALOG_FIELDS = ("product_id", "image_url", "category")
 READ_CPUS = 0.25
 BLOCK_BYTES = 16 << 20  # a catalog block's size: a plan task's memory follows its block, not the catalog
 READ_ROWS = 65536  # rows a file is read at a time
+REJECT_SCHEMA = pa.schema([(c, pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")])
+LINE_CHARS = 120  # of a malformed line, kept in its reject's detail
 
 
 def _format(cfg: SourceConfig) -> str:
@@ -67,24 +73,36 @@ def read(cfg: SourceConfig, storage_options: dict | None = None, extra: tuple = 
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
-def blocks(pieces: list, limit: int | None = None, block_bytes: int = BLOCK_BYTES) -> list:
-    """Refs of the catalog's blocks (at most BLOCK_BYTES each), in catalog order: one Ray task per
-    piece of ``parts``, all running at once. ``limit``: only the first rows (``source.limit``).
+def blocks(pieces: list, limit: int | None = None, block_bytes: int = BLOCK_BYTES) -> tuple[list, list]:
+    """(refs of the catalog's blocks, at most BLOCK_BYTES each, in catalog order; refs of
+    REJECT_SCHEMA tables of the rows the read refused): one Ray task per piece of ``parts``, all
+    running at once. ``limit``: only the first rows (``source.limit``), and the refusals of the
+    pieces those came from.
 
     Plain tasks, not a Ray Data read: the streaming executor's start-up (operators, workers of
     their own) cost seconds a run, more than reading a whole day's change."""
     import ray
 
     task = ray.remote(_read_part).options(num_cpus=READ_CPUS, num_returns="streaming")
-    streams = [task.remote(piece, limit, block_bytes) for piece in pieces]
-    refs = [ref for stream in streams for ref in stream]
-    return _head(refs, limit) if limit else refs
+    started = [task.remote(piece, limit, block_bytes) for piece in pieces]  # all at once, then waited on
+    streams = [list(stream) for stream in started]
+    refused = [stream[-1] for stream in streams]  # each stream ends with its rejects
+    refs = [ref for stream in streams for ref in stream[:-1]]
+    if not limit:
+        return refs, refused
+    head = _head(refs, limit)
+    used = {r.hex() for r in refs[:len(head)]}  # head: a prefix of refs, its last one maybe cut
+    return head, [rej for stream, rej in zip(streams, refused) if any(r.hex() in used for r in stream[:-1])]
 
 
 def _read_part(piece, limit: int | None = None, block_bytes: int = BLOCK_BYTES):
-    """Ray task (a generator): one piece's tables gathered (or cut) into blocks of about ``block_bytes``."""
-    pending, size, rows = [], 0, 0
+    """Ray task (a generator): one piece's tables gathered (or cut) into blocks of about
+    ``block_bytes``, then one REJECT_SCHEMA table of the rows it refused (maybe empty)."""
+    pending, size, rows, refused = [], 0, 0, []
     for table in piece():
+        if isinstance(table, Refused):
+            refused.append(table.rows)
+            continue
         if limit is not None and rows + table.num_rows > limit:
             table = table.slice(0, limit - rows)
         step = max(1, int(table.num_rows * block_bytes / max(1, table.nbytes)))
@@ -100,6 +118,13 @@ def _read_part(piece, limit: int | None = None, block_bytes: int = BLOCK_BYTES):
             break
     if pending:
         yield pa.concat_tables(pending, promote_options="default")
+    yield pa.concat_tables(refused) if refused else REJECT_SCHEMA.empty_table()
+
+
+class Refused(NamedTuple):
+    """What a piece yields for rows it refused: a wrapper, as a catalog's own columns may be
+    anything, REJECT_SCHEMA's included."""
+    rows: pa.Table
 
 
 def _head(refs: list, limit: int) -> list:
@@ -169,25 +194,64 @@ def _schema(storage: Storage, file: str, fmt: str, id_col: str) -> pa.Schema:
     if fmt == "parquet":
         return pq.read_schema(storage.path(file), filesystem=storage.fs)
     with storage.fs.open(storage.path(file), "rb") as f:
-        return _reader(f, fmt, id_col).schema
+        return _reader(f, fmt, id_col, lambda row: "skip").schema  # the read task reports those lines
 
 
-def _reader(f, fmt: str, id_col: str):
+def _reader(f, fmt: str, id_col: str, on_invalid=None):
     if fmt == "csv":
-        return pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(column_types={id_col: pa.string()}))
+        parse = pcsv.ParseOptions(invalid_row_handler=on_invalid) if on_invalid else None
+        return pcsv.open_csv(f, parse_options=parse,
+                             convert_options=pcsv.ConvertOptions(column_types={id_col: pa.string()}))
     return pjson.open_json(f)
 
 
 def read_file(storage: Storage, file: str, fmt: str, id_col: str, rename: dict):
-    """One catalog file's rows, a batch at a time, columns renamed to catalog fields."""
-    if fmt == "parquet":
-        pf = pq.ParquetFile(storage.path(file), filesystem=storage.fs)
-        for batch in pf.iter_batches(batch_size=READ_ROWS):
-            yield _renamed(pa.Table.from_batches([batch]), rename)
-        return
-    with storage.fs.open(storage.path(file), "rb") as f:
-        for batch in _reader(f, fmt, id_col):
-            yield _renamed(pa.Table.from_batches([batch]), rename)
+    """One catalog file's rows, a batch at a time, columns renamed to catalog fields; after a
+    batch, a Refused of the CSV lines it skipped. A file that breaks off raises
+    CatalogError naming it and the rows read before."""
+    rows = 0
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(storage.path(file), filesystem=storage.fs)
+            for batch in pf.iter_batches(batch_size=READ_ROWS):
+                rows += batch.num_rows
+                yield _renamed(pa.Table.from_batches([batch]), rename)
+            return
+        skipped = []
+        with storage.fs.open(storage.path(file), "rb") as f:
+            for batch in _reader(f, fmt, id_col, functools.partial(_skip, skipped, file)):
+                rows += batch.num_rows
+                yield _renamed(pa.Table.from_batches([batch]), rename)
+                if skipped:
+                    yield Refused(_malformed(skipped))
+                    skipped.clear()
+        if skipped:
+            yield Refused(_malformed(skipped))
+    except (OSError, pa.ArrowException) as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise CatalogError(f"source.path: {storage.path(file)}: cannot read as {fmt} after {rows} rows: {text}; "
+                           "nothing is published from a catalog that cannot be read to its end") from None
+
+
+def _skip(skipped: list, file: str, row) -> str:
+    """pyarrow's invalid_row_handler: note the line, then skip it; a "row" that spans lines is a
+    quote never closed, which swallowed the lines after it: an error, not one reject."""
+    if "\n" in row.text or "\r" in row.text:
+        return "error"
+    where = f"line {row.number}" if row.number is not None else "a line"
+    skipped.append(f"{file} {where}: expected {row.expected_columns} fields, got {row.actual_columns}: "
+                   f"{row.text[:LINE_CHARS]!r}")
+    return "skip"
+
+
+def _malformed(skipped: list) -> pa.Table:
+    """Reject rows of skipped lines: which field is the id is unknown in a broken line, so the
+    detail carries the line itself."""
+    n = len(skipped)
+    none = pa.nulls(n, pa.string())
+    return pa.table({"product_id": none, "image_url": none, "category": none,
+                     "reason": pa.array(["malformed_row"] * n, pa.string()), "detail": pa.array(skipped, pa.string())},
+                    schema=REJECT_SCHEMA)
 
 
 def _renamed(table: pa.Table, rename: dict) -> pa.Table:
@@ -205,9 +269,20 @@ def _datasource(pieces: list):
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return [ReadTask(p, meta, per_task_row_limit=per_task_row_limit) for p in pieces]
+            return [ReadTask(functools.partial(_rows_only, p), meta, per_task_row_limit=per_task_row_limit)
+                    for p in pieces]
 
     return CatalogParts()
+
+
+def _rows_only(piece):
+    """A piece's catalog tables; its refusals logged (a Dataset has one schema; a run keeps them)."""
+    for table in piece():
+        if not isinstance(table, Refused):
+            yield table
+        elif table.rows.num_rows:
+            log.warning("catalog read skipped %d malformed row(s), first: %s", table.rows.num_rows,
+                        table.rows.column("detail")[0].as_py())
 
 
 def normalise(batch: pa.Table) -> pa.Table:

@@ -136,10 +136,10 @@ def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
     pieces = catalog.parts(cfg.source, storage_options=storage.options, extra=tuple(cfg.index.filter_columns),
                            optional=shown)
     started = time.monotonic()
-    blocks = catalog.blocks(pieces, cfg.source.limit)
+    blocks, refused = catalog.blocks(pieces, cfg.source.limit)
     read_s = time.monotonic() - started
     change = plan.make(blocks, sources, settings, cfg.plan.bucket_rows, cfg.index.filter_columns,
-                       display.wanted(cfg), gone=gone)
+                       display.wanted(cfg), gone=gone, refused=refused)
     change.seconds["read"] = round(change.seconds["read"] + read_s, 3)  # the read tasks, then the count
     return change
 
@@ -150,8 +150,10 @@ def start_counts(report: Report, change: plan.Plan) -> None:
     report.data["counts"].update(
         rows_in=c.get("rows_in", 0), new=c.get("new", 0), changed=c.get("changed", 0),
         unchanged_reused=c.get("unchanged_reused", 0), processed=c.get("new", 0) + c.get("changed", 0),
-        duplicates=c.get("duplicates", 0), rejected=c.get("duplicates", 0), objects=c.get("kept_objects", 0))
-    report.data["rejects_by_reason"] = {"duplicate_product_id": c["duplicates"]} if c.get("duplicates") else {}
+        duplicates=c.get("duplicates", 0), rejected=c.get("duplicates", 0) + c.get("malformed", 0),
+        objects=c.get("kept_objects", 0))
+    by_reason = {"duplicate_product_id": c.get("duplicates", 0), "malformed_row": c.get("malformed", 0)}
+    report.data["rejects_by_reason"] = {k: v for k, v in by_reason.items() if v}
 
 
 def outcomes(cfg: Config, report: Report, run_id: str, device: str, storage: Storage, change: plan.Plan,
@@ -427,11 +429,21 @@ def run(cfg: Config, run_id: str | None = None) -> dict:
         report.finish("published")
         return report.data
     except (RunFailed, catalog.CatalogError, publish.PublishConflict) as exc:
-        report.finish("failed", error=str(exc))
-        raise RunFailed(str(exc), report.data) from None
+        said = str(_raised(exc))
+        report.finish("failed", error=said)
+        raise RunFailed(said, report.data) from None
     except Exception as exc:
         report.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise RunFailed(f"{report.current or 'run'} failed: {type(exc).__name__}: {exc}", report.data) from exc
+
+
+def _raised(exc: Exception) -> Exception:
+    """The error as a Ray task raised it: a RayTaskError's own text is the remote traceback."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
 
 
 def update(cfg: Config, run_id: str | None = None) -> dict:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from engine import attributes as attributes_module
 from engine import display as display_module
 from engine import manifest, partition, pointer
+from engine.catalog import REJECT_SCHEMA
 from engine.manifest import STATE_SCHEMA, empty_state
 from engine.storage import Storage
 
@@ -42,7 +43,6 @@ NEW, CHANGED, REUSE, DUPLICATE = "new", "changed", "reuse", "duplicate"
 PLAN_FIELDS = [pa.field("content_key", pa.string()), pa.field("action", pa.string()),
                pa.field("catalog_category", pa.string()), pa.field("catalog_row", pa.int64()),
                pa.field("object", pa.int32()), pa.field("objects", pa.int32()), pa.field("note", pa.string())]
-REJECT_SCHEMA = pa.schema([(c, pa.string()) for c in ("product_id", "image_url", "category", "reason", "detail")])
 # A worker maps every object-store page its tasks ever touched: retired after this many plan
 # tasks, no worker's resident memory grows with the catalog.
 TASKS_PER_WORKER = 8
@@ -196,7 +196,7 @@ class Plan:
                         # resumed (kept objects from pending runs)
     categories: dict    # category -> reused objects
     work: list          # refs: Arrow tables of new/changed rows (catalog columns + PLAN_FIELDS), non-empty only
-    rejects: list       # refs: REJECT_SCHEMA tables (duplicates)
+    rejects: list       # refs: REJECT_SCHEMA tables (lines the read refused, then duplicates)
     kept: list          # refs: KEPT_SCHEMA (manifest rows of reused objects; source 0 = published)
     removed: list       # refs: REMOVED_SCHEMA, published rows that leave (changed or gone)
     base_changed: list  # refs: product_id of published products that are work (removed if rejected again)
@@ -214,17 +214,20 @@ def buckets_for(rows: int, bucket_rows: int) -> int:
 
 
 def make(blocks: list, sources: StateSources, settings: Settings, bucket_rows: int, filter_columns: dict | None = None,
-         display_columns: tuple | None = None, gone: pa.Table | None = None) -> Plan:
+         display_columns: tuple | None = None, gone: pa.Table | None = None, refused: list = ()) -> Plan:
     """Plan the catalog ``blocks`` (refs of Arrow tables in catalog order: engine.catalog.blocks)
     against ``sources``; runs Ray tasks, returns when planned. ``filter_columns``: also keep those
     columns of every catalog block (engine.attributes); ``display_columns``: those of them the
     catalog has (engine.display; None: no display file); ``gone``: deletes folded in
-    (engine.tombstones.drop_deleted)."""
+    (engine.tombstones.drop_deleted); ``refused``: refs of REJECT_SCHEMA tables of the rows the
+    read refused (engine.catalog.blocks), counted in rows_in and malformed."""
     import ray
 
     started = time.monotonic()
     blocks = list(blocks)
-    rows = sum(ray.get([ray.remote(num_cpus=0.25)(_rows).remote(b) for b in blocks])) if blocks else 0
+    count = ray.remote(num_cpus=0.25)(_rows)
+    rows = sum(ray.get([count.remote(b) for b in blocks])) if blocks else 0
+    refused_rows = ray.get([count.remote(r) for r in refused])
     read_s = time.monotonic() - started
     n = buckets_for(max(rows, sources.rows), bucket_rows)
     split = ray.remote(max_calls=TASKS_PER_WORKER)(_split).options(num_returns=n + 1, num_cpus=1)
@@ -265,9 +268,12 @@ def make(blocks: list, sources: StateSources, settings: Settings, bucket_rows: i
             counts[k] = counts.get(k, 0) + v
         for k, v in s["categories"].items():
             categories[k] = categories.get(k, 0) + v
+    counts["malformed"] = sum(refused_rows)
+    counts["rows_in"] = counts.get("rows_in", 0) + counts["malformed"]
     return Plan(n, counts, dict(sorted(categories.items())),
                 work=[o[1] for o, s in zip(outs, summaries) if s["counts"]["work"]],
-                rejects=[o[2] for o, s in zip(outs, summaries) if s["counts"]["duplicates"]],
+                rejects=[r for r, k in zip(refused, refused_rows) if k] +
+                        [o[2] for o, s in zip(outs, summaries) if s["counts"]["duplicates"]],
                 kept=[o[3] for o in outs], removed=[o[4] for o in outs], base_changed=[o[5] for o in outs],
                 resumed=[o[3] for o, s in zip(outs, summaries) if s["counts"]["resumed"]],
                 peak_rss_mb={"split": split_rss, "bucket": max(s["peak_rss_mb"] for s in summaries)},
