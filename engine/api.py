@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import pointer
-from engine.plan import REJECT_SCHEMA
+from engine.catalog import REJECT_SCHEMA
 from engine.index import IndexLoadError, LoadedIndex, category_version, merge, read_manifest
 from engine.storage import Storage
 

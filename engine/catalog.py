@@ -10,6 +10,7 @@ publishing a catalog without its tail would remove the products in it.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from typing import NamedTuple
@@ -90,9 +91,9 @@ def blocks(pieces: list, limit: int | None = None, block_bytes: int = BLOCK_BYTE
     refs = [ref for stream in streams for ref in stream[:-1]]
     if not limit:
         return refs, refused
-    head = _head(refs, limit)
-    used = {r.hex() for r in refs[:len(head)]}  # head: a prefix of refs, its last one maybe cut
-    return head, [rej for stream, rej in zip(streams, refused) if any(r.hex() in used for r in stream[:-1])]
+    head = _head(refs, limit)  # a prefix of refs, its last one maybe cut
+    firsts = itertools.accumulate((len(stream) - 1 for stream in streams), initial=0)  # each piece's first block
+    return head, [rej for rej, first in zip(refused, firsts) if first < len(head)]
 
 
 def _read_part(piece, limit: int | None = None, block_bytes: int = BLOCK_BYTES):

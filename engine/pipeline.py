@@ -122,7 +122,7 @@ def build_dataset(cfg: Config, run_id: str, device: str, storage: Storage, work:
         batch_format="pyarrow", batch_size=cfg.storage.feature_batch_rows, num_cpus=0.25)
 
 
-REJECT_COLUMNS = tuple(plan.REJECT_SCHEMA.names)
+REJECT_COLUMNS = tuple(catalog.REJECT_SCHEMA.names)
 
 
 def make_plan(cfg: Config, storage: Storage, run_id: str, detect_version: str,
@@ -195,7 +195,7 @@ def _consume(batches, report: Report, storage: Storage, run_id: str, cfg: Config
     versions = plan.Settings(detect_version, False, cfg.embed.model_version,
                              {c: m.model_version for c, m in cfg.embed.categories.items()})
     storage.makedirs("runs", run_id)
-    with pq.ParquetWriter(storage.path("runs", run_id, "rejects.parquet"), plan.REJECT_SCHEMA,
+    with pq.ParquetWriter(storage.path("runs", run_id, "rejects.parquet"), catalog.REJECT_SCHEMA,
                           filesystem=storage.fs) as rejects:
         for ref in change.rejects:
             rejects.write_table(ray.get(ref))
@@ -210,7 +210,7 @@ def _consume(batches, report: Report, storage: Storage, run_id: str, cfg: Config
             if out.num_rows:
                 for r in pc.value_counts(out.column("reason")).to_pylist():  # one entry per distinct reason
                     reasons[r["values"]] += r["counts"]
-                rejects.write_table(out.select(REJECT_COLUMNS).cast(plan.REJECT_SCHEMA))
+                rejects.write_table(out.select(REJECT_COLUMNS).cast(catalog.REJECT_SCHEMA))
                 again.append(out.filter(pc.equal(out.column("action"), plan.CHANGED)).column("product_id"))
             if pc.any(ok).as_py():
                 added.append(_manifest_rows(batch.filter(ok), versions))

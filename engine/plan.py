@@ -226,8 +226,8 @@ def make(blocks: list, sources: StateSources, settings: Settings, bucket_rows: i
     started = time.monotonic()
     blocks = list(blocks)
     count = ray.remote(num_cpus=0.25)(_rows)
-    rows = sum(ray.get([count.remote(b) for b in blocks])) if blocks else 0
-    refused_rows = ray.get([count.remote(r) for r in refused])
+    counted = ray.get([count.remote(t) for t in blocks + list(refused)])
+    rows, refused_rows = sum(counted[:len(blocks)]), counted[len(blocks):]
     read_s = time.monotonic() - started
     n = buckets_for(max(rows, sources.rows), bucket_rows)
     split = ray.remote(max_calls=TASKS_PER_WORKER)(_split).options(num_returns=n + 1, num_cpus=1)
