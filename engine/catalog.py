@@ -207,8 +207,8 @@ def _reader(f, fmt: str, id_col: str, on_invalid=None):
 
 
 def read_file(storage: Storage, file: str, fmt: str, id_col: str, rename: dict):
-    """One catalog file's rows, a batch at a time, columns renamed to catalog fields; after a
-    batch, a Refused of the CSV lines it skipped. A file that breaks off raises
+    """One catalog file's rows, a batch at a time, columns renamed to catalog fields; before a
+    batch, a Refused of the CSV lines skipped in reading it. A file that breaks off raises
     CatalogError naming it and the rows read before."""
     rows = 0
     try:
@@ -221,11 +221,11 @@ def read_file(storage: Storage, file: str, fmt: str, id_col: str, rename: dict):
         skipped = []
         with storage.fs.open(storage.path(file), "rb") as f:
             for batch in _reader(f, fmt, id_col, functools.partial(_skip, skipped, file)):
-                rows += batch.num_rows
-                yield _renamed(pa.Table.from_batches([batch]), rename)
-                if skipped:
+                if skipped:  # before its batch: a limit that stops at the batch still counts them
                     yield Refused(_malformed(skipped))
                     skipped.clear()
+                rows += batch.num_rows
+                yield _renamed(pa.Table.from_batches([batch]), rename)
         if skipped:
             yield Refused(_malformed(skipped))
     except (OSError, pa.ArrowException) as exc:

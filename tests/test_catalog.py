@@ -167,3 +167,12 @@ def test_a_catalog_with_the_reject_columns_is_read_as_catalog_rows(tmp_path):
     pcsv.write_csv(table, tmp_path / "c.csv")
     blocks, refused = read_with_refusals(source(tmp_path / "c.csv", "source.columns.product_id=product_id"))
     assert refused.num_rows == 0 and pa.concat_tables(blocks).column("reason").to_pylist()[:2] == ["reason-0", "reason-1"]
+
+
+def test_a_limit_keeps_the_refusals_of_the_rows_it_reads(tmp_path):
+    csv_with_bad_lines(tmp_path / "a.csv", 100, {3: "x,y"})
+    csv_with_bad_lines(tmp_path / "b.csv", 100, {5: "p,q"})
+    for limit, lines in ((50, ["a.csv line 3"]), (150, ["a.csv line 3", "b.csv line 5"])):
+        blocks, refused = read_with_refusals(source(tmp_path, "source.format=csv", f"source.limit={limit}"))
+        assert pa.concat_tables(blocks).num_rows == limit
+        assert [d.split(":")[0].rsplit("/", 1)[-1] for d in refused.column("detail").to_pylist()] == lines
